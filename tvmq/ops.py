@@ -1,0 +1,183 @@
+"""The PyTorch integer reference of every deploy op, registered as ``tvmq::<op>`` custom ops.
+
+This module *defines* tvmq's integer semantics: every TVM kernel on every target must match
+these functions bit for bit. Each op is a ``torch.library.custom_op`` whose body is the
+reference and which has a fake kernel, so ``torch.export`` keeps it as one node that the
+frontend (``tvmq.frontend``) converts by name.
+
+All arithmetic is int32 (``convert`` proves no intermediate overflows). Rounding is
+round-half-up by add-and-shift (ALGORITHMS.md, "What all of them share"):
+
+>>> round_shift(torch.tensor([5, -5, 6, -6], dtype=torch.int32), 2).tolist()
+[1, -1, 2, -1]
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+I32 = torch.int32
+# int8 after every op; an op's ``bits`` argument narrows it (INT-SE 6-bit, 2-bit activations)
+INT_RANGE = {bits: (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) for bits in range(2, 17)}
+
+
+# ----------------------------------------------------------------------------- primitives
+def round_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """``(x + 2^(shift-1)) >> shift`` for ``shift > 0``, ``x << -shift`` otherwise (int32)."""
+    if shift > 0:
+        return (x + (1 << (shift - 1))) >> shift
+    if shift < 0:
+        return x << (-shift)
+    return x
+
+
+def saturate(x: torch.Tensor, bits: int, relu: bool = False) -> torch.Tensor:
+    """Clamp an int32 tensor to the signed ``bits`` range (from 0 with ``relu``), as int8."""
+    lo, hi = INT_RANGE[bits]
+    return x.clamp(0 if relu else lo, hi).to(torch.int8)
+
+
+def requantize(acc: torch.Tensor, shift: int, bits: int = 8, relu: bool = False) -> torch.Tensor:
+    """``saturate(round_shift(acc, shift))``: the epilogue of every integer kernel."""
+    return saturate(round_shift(acc, shift), bits, relu)
+
+
+def _conv_i32(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
+    """Exact int8 x int8 -> int32 convolution.
+
+    Computed in float64, which is exact: every product is < 2^14 and every sum of them
+    < 2^53 (``convert`` bounds the accumulator by 2^31), and torch has no integer conv on CPU.
+    """
+    acc = F.conv2d(x.double(), w.double(), None, stride, padding, dilation, groups)
+    return acc.round().to(I32)
+
+
+# ----------------------------------------------------------------------------- boundary
+@torch.library.custom_op("tvmq::quantize", mutates_args=())
+def quantize(x: torch.Tensor, exponent: int, bits: int) -> torch.Tensor:
+    """Float input -> int8 mantissa at ``exponent``: ``saturate(floor(x * 2^-e + 0.5))``."""
+    scaled = torch.floor(x.float() * (2.0 ** -exponent) + 0.5)
+    lo, hi = INT_RANGE[bits]
+    return scaled.clamp(lo, hi).to(torch.int8)
+
+
+@quantize.register_fake
+def _(x, exponent, bits):
+    return torch.empty_like(x, dtype=torch.int8)
+
+
+@torch.library.custom_op("tvmq::dequantize", mutates_args=())
+def dequantize(x: torch.Tensor, exponent: int) -> torch.Tensor:
+    """Integer output -> float ``x * 2^e`` (exact for int8 mantissas)."""
+    return x.float() * (2.0 ** exponent)
+
+
+@dequantize.register_fake
+def _(x, exponent):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- conv / linear
+@torch.library.custom_op("tvmq::qconv2d", mutates_args=())
+def qconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: list[int],
+            padding: list[int], dilation: list[int], groups: int, bias_shift: int,
+            out_shift: int, relu: bool, bits: int) -> torch.Tensor:
+    """int8 NCHW conv: ``requantize(conv(x, w) + (bias << bias_shift), out_shift)``.
+
+    ``padding`` is (top, left, bottom, right), zero padding of the integer input.
+    """
+    top, left, bottom, right = padding
+    x = F.pad(x.to(I32), (left, right, top, bottom))
+    acc = _conv_i32(x, weight, stride, 0, dilation, groups)
+    acc = acc + (bias.to(I32) << bias_shift).view(1, -1, 1, 1)
+    return requantize(acc, out_shift, bits, relu)
+
+
+@qconv2d.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, bias_shift, out_shift, relu, bits):
+    n, _, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((n, o, oh, ow), dtype=torch.int8)
+
+
+@torch.library.custom_op("tvmq::qlinear", mutates_args=())
+def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bias_shift: int,
+            out_shift: int, relu: bool, bits: int) -> torch.Tensor:
+    """int8 dense ``[N, K] x [O, K]``: ``requantize(x @ w.T + (bias << bias_shift))``."""
+    acc = (x.double() @ weight.double().T).round().to(I32)
+    acc = acc + (bias.to(I32) << bias_shift)
+    return requantize(acc, out_shift, bits, relu)
+
+
+@qlinear.register_fake
+def _(x, weight, bias, bias_shift, out_shift, relu, bits):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.int8)
+
+
+# ----------------------------------------------------------------------------- elementwise
+@torch.library.custom_op("tvmq::qadd", mutates_args=())
+def qadd(a: torch.Tensor, b: torch.Tensor, a_shift: int, b_shift: int, relu: bool,
+         bits: int) -> torch.Tensor:
+    """Residual add: each input brought to the output exponent by ``round_shift``, summed in
+    int32, saturated (``a_shift = s_out - s_a``)."""
+    acc = round_shift(a.to(I32), a_shift) + round_shift(b.to(I32), b_shift)
+    return saturate(acc, bits, relu)
+
+
+@qadd.register_fake
+def _(a, b, a_shift, b_shift, relu, bits):
+    return torch.empty_like(a, dtype=torch.int8)
+
+
+@torch.library.custom_op("tvmq::qrelu", mutates_args=())
+def qrelu(x: torch.Tensor) -> torch.Tensor:
+    """Integer ReLU: ``max(x, 0)``, exponent unchanged."""
+    return x.clamp_min(0)
+
+
+@qrelu.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+# ----------------------------------------------------------------------------- pooling
+@torch.library.custom_op("tvmq::qmax_pool2d", mutates_args=())
+def qmax_pool2d(x: torch.Tensor, kernel: list[int], stride: list[int],
+                padding: list[int]) -> torch.Tensor:
+    """Max pool on integers (exact; padding never wins: it is the type's minimum)."""
+    top, left, bottom, right = padding
+    xi = F.pad(x.to(I32), (left, right, top, bottom), value=-(1 << 30))
+    return F.max_pool2d(xi.double(), kernel, stride).to(torch.int8)
+
+
+@qmax_pool2d.register_fake
+def _(x, kernel, stride, padding):
+    n, c, h, w = x.shape
+    oh = (h + padding[0] + padding[2] - kernel[0]) // stride[0] + 1
+    ow = (w + padding[1] + padding[3] - kernel[1]) // stride[1] + 1
+    return x.new_empty((n, c, oh, ow))
+
+
+def avg_pool_multiplier(count: int) -> tuple[int, int]:
+    """(multiplier, shift) that divides an int32 sum by ``count``: a pure shift when ``count`` is
+    a power of two, else ``round(2^16 / count)`` then a 16-bit shift (ALGORITHMS.md)."""
+    if count & (count - 1) == 0:
+        return 1, count.bit_length() - 1
+    return round((1 << 16) / count), 16
+
+
+@torch.library.custom_op("tvmq::qavg_pool2d", mutates_args=())
+def qavg_pool2d(x: torch.Tensor, kernel: list[int], stride: list[int], bits: int) -> torch.Tensor:
+    """Average pool (no padding) at the input's exponent: int32 window sum, then
+    ``round_shift(sum * m, k)`` with ``(m, k) = avg_pool_multiplier(kh * kw)``."""
+    total = F.avg_pool2d(x.double(), kernel, stride, divisor_override=1).round().to(I32)
+    mult, shift = avg_pool_multiplier(kernel[0] * kernel[1])
+    return saturate(round_shift(total * mult, shift), bits)
+
+
+@qavg_pool2d.register_fake
+def _(x, kernel, stride, bits):
+    n, c, h, w = x.shape
+    return x.new_empty((n, c, (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1))
