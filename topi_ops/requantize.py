@@ -12,7 +12,7 @@ from tvm import te, tirx
 
 def round_shift(value: tirx.PrimExpr, shift: int) -> tirx.PrimExpr:
     """Round-half-up arithmetic shift right by a compile-time ``shift`` (left shift if <= 0)."""
-    dtype = value.dtype
+    dtype = str(value.ty.dtype)
     if shift > 0:
         half = tirx.const(1 << (shift - 1), dtype)
         return tirx.shift_right(value + half, tirx.const(shift, dtype))
@@ -21,16 +21,24 @@ def round_shift(value: tirx.PrimExpr, shift: int) -> tirx.PrimExpr:
     return value
 
 
-def saturate(value: tirx.PrimExpr, out_dtype: str, relu: bool = False) -> tirx.PrimExpr:
-    """Clamp to ``out_dtype``'s range (lower bound 0 with ``relu``) and cast."""
-    lo = tirx.const(0, value.dtype) if relu else tirx.min_value(out_dtype).astype(value.dtype)
-    hi = tirx.max_value(out_dtype).astype(value.dtype)
+def saturate(value: tirx.PrimExpr, out_dtype: str, relu: bool = False,
+             bits: int | None = None) -> tirx.PrimExpr:
+    """Clamp to the signed ``bits`` range (default: all of ``out_dtype``; lower bound 0 with
+    ``relu``) and cast to ``out_dtype``."""
+    vtype = str(value.ty.dtype)
+    if bits is None:
+        lo, hi = tirx.min_value(out_dtype).astype(vtype), tirx.max_value(out_dtype).astype(vtype)
+    else:
+        lo, hi = (tirx.const(-(1 << (bits - 1)), vtype), tirx.const((1 << (bits - 1)) - 1, vtype))
+    if relu:
+        lo = tirx.const(0, vtype)
     return tirx.max(tirx.min(value, hi), lo).astype(out_dtype)
 
 
-def requantize(value: tirx.PrimExpr, shift: int, out_dtype: str = "int8", relu: bool = False):
+def requantize(value: tirx.PrimExpr, shift: int, out_dtype: str = "int8", relu: bool = False,
+               bits: int | None = None):
     """``saturate(round_shift(value, shift))``: the epilogue of every integer kernel."""
-    return saturate(round_shift(value, shift), out_dtype, relu)
+    return saturate(round_shift(value, shift), out_dtype, relu, bits)
 
 
 def requantize_tensor(acc: te.Tensor, shift: int, out_dtype: str = "int8", relu: bool = False,

@@ -23,14 +23,15 @@ def progress(**kw) -> Progress:
 
 
 def train(qat: nn.Module, loader: Iterable, epochs: int = 12, lr: float = 2e-3,
-          lock_at: float = 0.5, seed: int = 0, quiet: bool = False) -> nn.Module:
+          lock_at: float = 0.5, seed: int = 0, quiet: bool = False,
+          description: str = "QAT training") -> nn.Module:
     """Train ``qat`` in place with Adam + cosine schedule and cross entropy; returns it."""
     torch.manual_seed(seed)
     opt = torch.optim.Adam(qat.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     loss_fn = nn.CrossEntropyLoss()
     with progress(disable=quiet) as bar:
-        task = bar.add_task("QAT training", total=epochs, info="")
+        task = bar.add_task(description, total=epochs, info="")
         for epoch in range(epochs):
             if epoch == int(epochs * lock_at):
                 lock_batchnorm(qat)

@@ -1,0 +1,135 @@
+"""LowerTvmqComposites: ``tvmq.*`` composite functions -> integer TOPI/TE kernels (call_tir).
+
+Pattern in: ``lv = tvmq_qconv2d_3(x, w, b)`` where ``tvmq_qconv2d_3`` is a private Relax
+function with ``Composite = "tvmq.qconv2d"`` and its scalar arguments as JSON in
+``tvmq.attrs`` (written by ``tvmq.frontend``). Result out: ``lv = R.call_tir(tvmq_qconv2d,
+(x, w_packed, b_aligned), ...)`` whose PrimFunc is the kernel of ``topi_ops`` for the target,
+with the shift requantization (and a fused ReLU) as the kernel's epilogue. Weights are packed
+and biases pre-shifted here, at build time, in exact integer numpy.
+
+Nothing below ``tvmq`` is imported: composites are found by their ``tvmq.<op>`` name, the
+string contract with the frontend.
+"""
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from topi_ops import conv2d as conv_ops
+from topi_ops import dense as dense_ops
+from topi_ops import elementwise, pool
+
+
+class LoweringError(ValueError):
+    """A composite that cannot be lowered (non-constant weights, unknown op)."""
+
+
+def _constant(expr: relax.Expr, what: str, node: str) -> np.ndarray:
+    if not isinstance(expr, tvm.ir.expr.Constant):
+        raise LoweringError(f"node {node!r}: {what} must be a constant known at build time")
+    return expr.value.numpy()
+
+
+def _lower_qconv2d(bb, args, attrs, target, node):
+    stride, padding, dilation, groups, bias_shift, out_shift, relu, bits = attrs
+    x, w, b = args
+    weight = _constant(w, "the weight", node)
+    bias = _constant(b, "the bias", node).astype(np.int64) << bias_shift
+    params = conv_ops.Conv2dParams(tuple(stride), tuple(padding), tuple(dilation), groups,
+                                   out_shift, relu, bits)
+    packed = conv_ops.pack_conv2d(weight, bias.astype(np.int32), params, target)
+    kernel = partial(conv_ops.qconv2d, weight_shape=weight.shape, params=params, target=target)
+    return bb.call_te(kernel, x, *[relax.const(p) for p in packed],
+                      primfunc_name_hint="tvmq_qconv2d")
+
+
+def _lower_qlinear(bb, args, attrs, target, node):
+    bias_shift, out_shift, relu, bits = attrs
+    x, w, b = args
+    weight = _constant(w, "the weight", node)
+    bias = (_constant(b, "the bias", node).astype(np.int64) << bias_shift).astype(np.int32)
+    params = dense_ops.DenseParams(out_shift, relu, bits)
+    packed = dense_ops.pack_dense(weight, bias, params, target)
+    kernel = partial(dense_ops.qdense, weight_shape=weight.shape, params=params, target=target)
+    return bb.call_te(kernel, x, *[relax.const(p) for p in packed],
+                      primfunc_name_hint="tvmq_qdense")
+
+
+def _lower_simple(kernel: Callable, name: str):
+    def lower(bb, args, attrs, target, node):
+        return bb.call_te(kernel, *args, *attrs, primfunc_name_hint=name)
+    return lower
+
+
+def _lower_qavg_pool2d(bb, args, attrs, target, node):
+    kernel, stride, bits = attrs
+    count = kernel[0] * kernel[1]
+    # the same rule as tvmq.ops.avg_pool_multiplier (shift for powers of two, else 2^16/n)
+    mult, shift = (1, count.bit_length() - 1) if count & (count - 1) == 0 else (
+        round((1 << 16) / count), 16)
+    return bb.call_te(pool.qavg_pool2d, *args, kernel, stride, bits, mult, shift,
+                      primfunc_name_hint="tvmq_qavg_pool2d")
+
+
+# composite name -> lowering rule; a new integer op adds one line here
+LOWERINGS: dict[str, Callable] = {
+    "tvmq.qconv2d": _lower_qconv2d,
+    "tvmq.qlinear": _lower_qlinear,
+    "tvmq.quantize": _lower_simple(elementwise.quantize, "tvmq_quantize"),
+    "tvmq.dequantize": _lower_simple(elementwise.dequantize, "tvmq_dequantize"),
+    "tvmq.qadd": _lower_simple(elementwise.qadd, "tvmq_qadd"),
+    "tvmq.qrelu": _lower_simple(elementwise.qrelu, "tvmq_qrelu"),
+    "tvmq.qmax_pool2d": _lower_simple(pool.qmax_pool2d, "tvmq_qmax_pool2d"),
+    "tvmq.qavg_pool2d": _lower_qavg_pool2d,
+}
+
+
+@mutator
+class _CompositeLowerer(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.target = target
+
+    def transform(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function) and "Composite" not in (func.attrs or {}):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        mod = self.builder_.get()
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function) and str(
+                    (func.attrs or {}).get("Composite", "")).startswith("tvmq."):
+                del mod[gv]
+        return mod
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if not isinstance(call.op, relax.GlobalVar):
+            return call
+        func = self.mod_[call.op]
+        attrs = func.attrs or {}
+        composite = str(attrs.get("Composite", ""))
+        if not composite.startswith("tvmq."):
+            return call
+        node = str(attrs.get("tvmq.node", call.op.name_hint))
+        if composite not in LOWERINGS:
+            raise LoweringError(f"node {node!r}: no integer kernel for {composite}")
+        scalars = json.loads(str(attrs["tvmq.attrs"]))
+        return LOWERINGS[composite](self.builder_, list(call.args), scalars, self.target, node)
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerTvmqComposites")
+class LowerTvmqComposites:
+    """Every ``tvmq.*`` composite call -> ``call_tir`` of its target-specific TE kernel."""
+
+    def __init__(self, target: tvm.target.Target):
+        self.target = target
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return _CompositeLowerer(mod, self.target).transform()

@@ -1,0 +1,67 @@
+"""The tvmq compilation pipeline: graph phases of ``relay_passes``, the schedule phase of
+``schedules``, then TVM's CPU lowering; and export of the library (cross-compiled for
+aarch64 targets with Debian's ``aarch64-linux-gnu-g++``)."""
+from __future__ import annotations
+
+import shutil
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+from relay_passes import legalize_passes, lowering_passes
+from schedules.default import apply_default_schedules
+from schedules.targets import AARCH64_TRIPLE, is_host
+
+CROSS_CXX = f"{AARCH64_TRIPLE}-g++"
+
+
+@tvm.transform.module_pass(opt_level=0, name="ApplyDefaultSchedules")
+class ApplyDefaultSchedules:
+    """Phase 3: the hand-written schedule of every tvmq kernel for the target."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def transform_module(self, mod, _ctx):
+        return apply_default_schedules(mod, self.target)
+
+
+def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name="tvmq")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential([
+                # Phase 1. tvmq composites -> integer kernels; verify integer only
+                *lowering_passes(target),
+                # Phase 2. TVM legalization and fusion of what remains
+                *legalize_passes(target),
+                # Phase 3. default schedules (tuning databases apply here too)
+                ApplyDefaultSchedules(target),
+                # Phase 4. TVM's CPU lowering to the VM
+                *cpu_generic.dataflow_lower_passes(target),
+                *cpu_generic.finalize_passes(target),
+            ])(mod)
+    return _pipeline
+
+
+def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Phases 1-2 only: the integer-only Relax module (for inspection and tests)."""
+    with target:
+        return tvm.transform.Sequential(lowering_passes(target))(mod)
+
+
+def compile_relax(mod: tvm.IRModule, target: tvm.target.Target) -> relax.Executable:
+    return tvm.compile(mod, target, relax_pipeline=pipeline(target))
+
+
+def export_library(ex: relax.Executable, target: tvm.target.Target, path: str) -> None:
+    """Write the shared library; cross-compile when ``target`` is not this machine."""
+    if is_host(target):
+        ex.export_library(path)
+        return
+    if shutil.which(CROSS_CXX) is None:
+        raise FileNotFoundError(
+            f"cross compiler {CROSS_CXX!r} not found: install Debian's g++-aarch64-linux-gnu"
+            " (the project's setup script does)")
+    ex.export_library(path, fcompile=tvm.support.cc.cross_compiler(CROSS_CXX))

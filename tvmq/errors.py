@@ -1,0 +1,23 @@
+"""The errors tvmq raises for bad input. Each names what is wrong and where; the CLIs print
+them as one line (no traceback) and exit with status 2."""
+from __future__ import annotations
+
+from relay_passes import FloatOpError, LoweringError
+from schedules.targets import UnknownTargetError
+from tvmq.conversion import AccumulatorOverflowError
+from tvmq.qat import UnsupportedOpError
+from tvmq.quantizers import ExponentRangeError
+from tvmq.schemes import UnknownSchemeError
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, unreadable or not a tvmq export."""
+
+
+class ArtifactError(ValueError):
+    """An artifact directory that cannot be written or read."""
+
+
+USER_ERRORS = (UnsupportedOpError, AccumulatorOverflowError, ExponentRangeError,
+               UnknownSchemeError, UnknownTargetError, LoweringError, FloatOpError,
+               ModelFileError, ArtifactError)
