@@ -67,8 +67,8 @@ def verify_integer_only(mod: tvm.IRModule, func_name: str = "main") -> None:
                         binding.var in returned or out in returned):
                     continue
             raise FloatOpError(
-                f"float operation left in the integer deploy graph: {binding.var.name_hint!r} ="
-                f" {op} (node {binding.var.name_hint!r}); only the input quantize and the output"
+                f"float operation left in the integer deploy graph: {binding.var.name!r} ="
+                f" {op} (node {binding.var.name!r}); only the input quantize and the output"
                 " dequantize may touch floats"
             )
 

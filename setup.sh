@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One-time setup on a fresh Debian machine (idempotent, quick when already done):
+# Debian's aarch64 cross toolchain + qemu, then tvmq and its pinned Python dependencies.
+set -euo pipefail
+cd "$(dirname "$0")"
+need=()
+command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu libc6-dev-arm64-cross)
+command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+python3 -m pip install -q -c constraints.txt -e ".[test]"
