@@ -77,6 +77,9 @@ def _lower_qavg_pool2d(bb, args, attrs, target, node):
                       primfunc_name_hint="tvmq_qavg_pool2d")
 
 
+OPAQUE = ("tvmq_qconv2d", "tvmq_qdense")
+OP_PATTERN_OPAQUE = 8  # relax.OpPatternKind.kOpaque: FuseOps leaves the kernel alone
+
 # composite name -> lowering rule; a new integer op adds one line here
 LOWERINGS: dict[str, Callable] = {
     "tvmq.qconv2d": _lower_qconv2d,
@@ -106,6 +109,10 @@ class _CompositeLowerer(PyExprMutator):
             if isinstance(func, relax.Function) and str(
                     (func.attrs or {}).get("Composite", "")).startswith("tvmq."):
                 del mod[gv]
+            elif isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith(OPAQUE):
+                # keep each conv/dense kernel whole: its default schedule (and tuning)
+                # sees exactly the blocks it was written for
+                mod[gv] = func.with_attr("op_pattern", OP_PATTERN_OPAQUE)
         return mod
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:

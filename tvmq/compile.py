@@ -11,6 +11,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from relay_passes import legalize_passes, lowering_passes
 from schedules.default import apply_default_schedules
+from schedules.elementwise import apply_memory_bound_schedules
 from schedules.targets import AARCH64_TRIPLE, is_host
 
 CROSS_CXX = f"{AARCH64_TRIPLE}-g++"
@@ -24,7 +25,8 @@ class ApplyDefaultSchedules:
         self.target = target
 
     def transform_module(self, mod, _ctx):
-        return apply_default_schedules(mod, self.target)
+        mod = apply_default_schedules(mod, self.target)  # conv/dense kernels
+        return apply_memory_bound_schedules(mod, self.target)  # everything else
 
 
 def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:

@@ -1,0 +1,46 @@
+"""Default schedule for tvmq's memory-bound kernels (quantize, add, ReLU, pools, reshapes):
+inline injective producers, parallelize the fused outer spatial loops over the cores,
+vectorize the innermost. Untouched, TE emits one serial scalar loop nest per op."""
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+
+SCHEDULED = "tir.is_scheduled"
+VECTOR = 16  # int8/int32 lanes per chunk: a multiple of the NEON and AVX2 widths
+
+
+def schedule_memory_bound(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:
+        try:
+            sch.compute_inline(block)
+        except s_tir.ScheduleError:  # a reduction producer (pool sum) keeps its loop nest
+            pass
+    cores = int(target.attrs.get("num-cores", 1) or 1)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        loops = sch.get_loops(block)
+        kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+        if len(loops) != len(kinds) or not loops:
+            continue  # not a plain loop nest: leave it as TE wrote it
+        n_spatial = next((i for i, k in enumerate(kinds) if k != tirx.IterVar.DataPar),
+                         len(kinds))
+        if n_spatial == 0:
+            continue
+        fused = sch.fuse(*loops[:n_spatial]) if n_spatial > 1 else loops[0]
+        extent = int(sch.get(fused).extent)
+        if n_spatial == len(kinds) and extent >= 4 * VECTOR and extent % VECTOR == 0:
+            fused, inner = sch.split(fused, [None, VECTOR])
+            sch.vectorize(inner)
+            extent //= VECTOR
+        if extent >= 2 * cores:
+            sch.parallel(fused)
+    return sch.mod["main"].with_attr(SCHEDULED, True)
+
+
+def apply_memory_bound_schedules(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """Schedule every PrimFunc of ``mod`` not scheduled yet with :func:`schedule_memory_bound`."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tirx.PrimFunc) and not (func.attrs or {}).get(SCHEDULED, False):
+            mod[gv] = schedule_memory_bound(func, target)
+    return mod
