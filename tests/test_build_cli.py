@@ -170,3 +170,19 @@ def test_build_replaces_old_artifact_atomically(tmp_path):
 def test_main_in_process_unknown_scheme(tmp_path, capsys):
     assert main(["--scheme", "int-ze", "--out", str(tmp_path / "o"), "resnet20"]) == 2
     assert "unknown scheme 'int-ze'" in capsys.readouterr().err
+
+
+def test_cli_builds_exported_pt2(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    qat = tvmq.prepare(model, "int-se")
+    tvmq.calibrate(qat, [torch.randn(4, 3, 16, 16)])
+    deploy = tvmq.convert(qat)
+    pt2 = tmp_path / "small.pt2"
+    tvmq.export(deploy, torch.randn(1, 3, 16, 16), pt2, name="small")
+    out = tmp_path / "small-x86"
+    proc = cli(str(pt2), "--target", "x86", "--out", str(out), "--parity", "64")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"] == "small" and m["parity"]["mismatches"] == 0
+    assert m["inputs"][0]["shape"] == [1, 3, 16, 16] and m["outputs"][0]["shape"] == [1, 4]
