@@ -10,6 +10,27 @@ SCHEDULED = "tir.is_scheduled"
 VECTOR = 16  # int8/int32 lanes per chunk: a multiple of the NEON and AVX2 widths
 
 
+def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) -> None:
+    """Fuse the leading spatial loops of ``block``, vectorize their tail when the block is
+    purely elementwise, and parallelize the rest over the target's cores."""
+    loops = sch.get_loops(block)
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+    if len(loops) != len(kinds) or not loops:
+        return  # not a plain loop nest: leave it as TE wrote it
+    n_spatial = next((i for i, k in enumerate(kinds) if k != tirx.IterVar.DataPar), len(kinds))
+    if n_spatial == 0:
+        return
+    fused = sch.fuse(*loops[:n_spatial]) if n_spatial > 1 else loops[0]
+    extent = int(sch.get(fused).extent)
+    if n_spatial == len(kinds) and extent >= 4 * VECTOR and extent % VECTOR == 0:
+        fused, inner = sch.split(fused, [None, VECTOR])
+        sch.vectorize(inner)
+        extent //= VECTOR
+    cores = int(target.attrs.get("num-cores", 1) or 1)
+    if extent >= 2 * cores:
+        sch.parallel(fused)
+
+
 def schedule_memory_bound(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     for block in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:
@@ -17,24 +38,8 @@ def schedule_memory_bound(func: tirx.PrimFunc, target: tvm.target.Target) -> tir
             sch.compute_inline(block)
         except s_tir.ScheduleError:  # a reduction producer (pool sum) keeps its loop nest
             pass
-    cores = int(target.attrs.get("num-cores", 1) or 1)
     for block in sch.get_child_blocks(sch.get_sblock("root")):
-        loops = sch.get_loops(block)
-        kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
-        if len(loops) != len(kinds) or not loops:
-            continue  # not a plain loop nest: leave it as TE wrote it
-        n_spatial = next((i for i, k in enumerate(kinds) if k != tirx.IterVar.DataPar),
-                         len(kinds))
-        if n_spatial == 0:
-            continue
-        fused = sch.fuse(*loops[:n_spatial]) if n_spatial > 1 else loops[0]
-        extent = int(sch.get(fused).extent)
-        if n_spatial == len(kinds) and extent >= 4 * VECTOR and extent % VECTOR == 0:
-            fused, inner = sch.split(fused, [None, VECTOR])
-            sch.vectorize(inner)
-            extent //= VECTOR
-        if extent >= 2 * cores:
-            sch.parallel(fused)
+        schedule_loop_nest(sch, block, target)
     return sch.mod["main"].with_attr(SCHEDULED, True)
 
 

@@ -1,0 +1,70 @@
+"""Default (untuned) schedules of tvmq's compute-bound kernels, per target.
+
+A kernel's main block carries ``schedule_rule`` (set in its TE compute); this module maps the
+rule to a schedule function. Every function it schedules is marked ``tir.is_scheduled`` so
+the memory-bound fallback (``schedules.elementwise``) leaves it alone.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+
+from schedules.elementwise import SCHEDULED, schedule_loop_nest
+from schedules.intrinsics import DOT_8X2_AVX2
+from schedules.targets import has_feature
+
+X_TILE = 8  # output columns per register tile: 8 accumulators + 1 weight + 1 broadcast
+
+
+def _x_tile(width: int) -> int:
+    return max(t for t in range(1, X_TILE + 1) if width % t == 0)
+
+
+def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
+    """Register-tiled, parallel, tensorized schedule of ``tvmq_conv_acc`` (channel pairs)."""
+    requant = sch.get_sblock("tvmq_conv_requant")
+    n, ob, y, x, oi, rc, ry, rx, rj = sch.get_loops(conv)
+    xo, xi = sch.split(x, [None, _x_tile(int(sch.get(x).extent))])
+    sch.reorder(n, ob, y, xo, rc, ry, rx, xi, oi, rj)
+    outer = sch.fuse(n, ob, y)
+    sch.parallel(outer)
+    # the accumulator tile [X_TILE, 8] lives in registers; requantize right after it
+    sch.reverse_compute_at(requant, xo)
+    rq_loops = sch.get_loops(requant)
+    sch.vectorize(rq_loops[-1])
+    init = sch.decompose_reduction(conv, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if has_feature(target, "avx2"):
+        sch.tensorize(oi, DOT_8X2_AVX2)
+    else:  # NEON and others: 8 int32 lanes, widening multiply-accumulate from int16
+        sch.unroll(rj)
+        sch.vectorize(oi)
+    sch.unroll(xi)
+    sch.set_scope(init, 0, "local")  # after tensorize: the intrinsic matches global buffers
+
+
+RULES = {"tvmq_qconv2d_pairs": schedule_conv_pairs}
+
+
+def apply_default_schedules(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """Schedule every PrimFunc of ``mod`` whose block carries a known ``schedule_rule``;
+    the other blocks of that function (data packing, layout) get the loop-nest schedule."""
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or (func.attrs or {}).get(SCHEDULED, False):
+            continue
+        sch = s_tir.Schedule(func)
+        ruled = [(b, str(sch.get(b).annotations["schedule_rule"]))
+                 for b in sch.get_child_blocks(sch.get_sblock("root"))
+                 if "schedule_rule" in sch.get(b).annotations]
+        ruled = [(b, r) for b, r in ruled if r in RULES]
+        if not ruled:
+            continue
+        names = {sch.get(b).name_hint for b, _ in ruled}
+        for block, rule in ruled:
+            RULES[rule](sch, block, target)
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            name = sch.get(block).name_hint
+            if name not in names and name != "tvmq_conv_requant":
+                schedule_loop_nest(sch, block, target)
+        mod[gv] = sch.mod["main"].with_attr(SCHEDULED, True)
+    return mod

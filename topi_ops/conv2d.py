@@ -1,0 +1,119 @@
+"""int8 conv2d: int8 NCHW data x int8 OIHW weights -> int32 accumulators -> shift requantize
+-> int8 NCHW.
+
+Dense convolutions (groups == 1) run on *channel pairs*: the data is widened to int16 pairs
+``[N, C/2, Hp, Wp, 2]`` (zero-padded, inside the kernel) and the weights are packed at build time
+to ``[O/8, C/2, KH, KW, 8, 2]`` int16, so the innermost step is "8 output channels += 2 input
+channels", which is one ``vpmaddwd`` on x86 (exact: int16 x int16 pair sums into int32) and
+widening multiply-accumulates (``smlal``) on ARM NEON. The accumulator tile stays in registers
+and the shift requantization is the epilogue of the same loop nest. Grouped and depthwise
+convolutions use a direct NCHW loop nest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import te, tirx
+
+from topi_ops.requantize import requantize
+
+OC_BLOCK = 8  # int32 lanes of one AVX2 register / two NEON registers
+
+
+@dataclass(frozen=True)
+class Conv2dParams:
+    """Scalar parameters of a tvmq integer conv2d (padding is top, left, bottom, right)."""
+
+    strides: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    out_shift: int
+    relu: bool
+    bits: int = 8
+
+
+def output_hw(hw, kernel, params: Conv2dParams) -> tuple[int, int]:
+    (h, w), (kh, kw) = hw, kernel
+    pt, pl, pb, pr = params.padding
+    (sh, sw), (dh, dw) = params.strides, params.dilation
+    return ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1,
+            (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
+
+
+def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, target=None):
+    """OIHW int8 -> ``[O/8, C/2, KH, KW, 8, 2]`` int16 (zero-padded) for dense convs; grouped
+    convs keep OIHW. The bias (int32, already at the accumulator's exponent) passes through."""
+    if params.groups != 1:
+        return [weight.astype(np.int8), bias.astype(np.int32)]
+    o, c, kh, kw = weight.shape
+    ob, c2 = -(-o // OC_BLOCK), -(-c // 2)
+    w = np.zeros((ob * OC_BLOCK, c2 * 2, kh, kw), np.int16)
+    w[:o, :c] = weight
+    w = w.reshape(ob, OC_BLOCK, c2, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    return [np.ascontiguousarray(w), bias.astype(np.int32)]
+
+
+def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, weight_shape, params:
+            Conv2dParams, target=None) -> te.Tensor:
+    """data [N, C, H, W] int8, packed weight (see :func:`pack_conv2d`), bias [O] int32
+    -> [N, O, OH, OW] int8."""
+    if params.groups != 1:
+        return _qconv2d_grouped(data, weight, bias, weight_shape, params)
+    n, c, h, w = (int(v) for v in data.shape)
+    o, _, kh, kw = weight_shape
+    ob, c2 = int(weight.shape[0]), int(weight.shape[1])
+    pt, pl, pb, pr = params.padding
+    (sh, sw), (dh, dw) = params.strides, params.dilation
+    oh, ow = output_hw((h, w), (kh, kw), params)
+    zero = tirx.const(0, "int16")
+
+    def pack(b, cc, y, x, j):
+        ch = cc * 2 + j
+        inside = tirx.all(ch < c, y >= pt, y < pt + h, x >= pl, x < pl + w)
+        return tirx.if_then_else(inside, data[b, tirx.min(ch, c - 1), y - pt, x - pl].astype("int16"), zero)
+
+    packed = te.compute((n, c2, h + pt + pb, w + pl + pr, 2), pack, name="tvmq_conv_data_pack")
+    rc, ry, rx, rj = (te.reduce_axis((0, c2), "rc"), te.reduce_axis((0, kh), "ry"),
+                      te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, 2), "rj"))
+    acc = te.compute(
+        (n, ob, oh, ow, OC_BLOCK),
+        lambda b, o_b, y, x, oi: te.sum(
+            packed[b, rc, y * sh + ry * dh, x * sw + rx * dw, rj].astype("int32")
+            * weight[o_b, rc, ry, rx, oi, rj].astype("int32"), axis=[rc, ry, rx, rj]),
+        name="tvmq_conv_acc", attrs={"schedule_rule": "tvmq_qconv2d_pairs"})
+    blocked = te.compute(
+        acc.shape,
+        lambda b, o_b, y, x, oi: requantize(
+            acc[b, o_b, y, x, oi] + bias[tirx.min(o_b * OC_BLOCK + oi, o - 1)],
+            params.out_shift, "int8", params.relu, params.bits),
+        name="tvmq_conv_requant")
+    return te.compute((n, o, oh, ow),
+                      lambda b, oc, y, x: blocked[b, oc // OC_BLOCK, y, x, oc % OC_BLOCK],
+                      name="tvmq_conv_unpack")
+
+
+def _qconv2d_grouped(data, weight, bias, weight_shape, params):
+    n, c, h, w = (int(v) for v in data.shape)
+    o, cg, kh, kw = weight_shape
+    og = o // params.groups
+    pt, pl, pb, pr = params.padding
+    (sh, sw), (dh, dw) = params.strides, params.dilation
+    oh, ow = output_hw((h, w), (kh, kw), params)
+    padded = te.compute(
+        (n, c, h + pt + pb, w + pl + pr),
+        lambda b, ch, y, x: tirx.if_then_else(
+            tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w),
+            data[b, ch, y - pt, x - pl], tirx.const(0, "int8")),
+        name="tvmq_conv_pad")
+    rc, ry, rx = te.reduce_axis((0, cg), "rc"), te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    acc = te.compute(
+        (n, o, oh, ow),
+        lambda b, oc, y, x: te.sum(
+            padded[b, (oc // og) * cg + rc, y * sh + ry * dh, x * sw + rx * dw].astype("int32")
+            * weight[oc, rc, ry, rx].astype("int32"), axis=[rc, ry, rx]),
+        name="tvmq_conv_grouped_acc")
+    return te.compute(acc.shape, lambda b, oc, y, x: requantize(
+        acc[b, oc, y, x] + bias[oc], params.out_shift, "int8", params.relu, params.bits),
+        name="tvmq_conv_grouped_requant")

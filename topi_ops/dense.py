@@ -1,0 +1,34 @@
+"""int8 dense ``[N, K] x [O, K] -> [N, O]``: a 1x1 convolution on a 1x1 image, so it shares
+the conv kernel, its weight packing and its schedule."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import te
+
+from topi_ops.conv2d import Conv2dParams, pack_conv2d, qconv2d
+
+
+@dataclass(frozen=True)
+class DenseParams:
+    out_shift: int
+    relu: bool
+    bits: int = 8
+
+    def as_conv(self) -> Conv2dParams:
+        return Conv2dParams((1, 1), (0, 0, 0, 0), (1, 1), 1, self.out_shift, self.relu, self.bits)
+
+
+def pack_dense(weight: np.ndarray, bias: np.ndarray, params: DenseParams, target=None):
+    return pack_conv2d(weight[:, :, None, None], bias, params.as_conv(), target)
+
+
+def qdense(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, weight_shape, params:
+           DenseParams, target=None) -> te.Tensor:
+    """data [N, K] int8, packed weight, bias [O] int32 -> [N, O] int8."""
+    n, k = (int(v) for v in data.shape)
+    image = te.compute((n, k, 1, 1), lambda b, c, y, x: data[b, c], name="tvmq_dense_as_image")
+    out = qconv2d(image, weight, bias, (*weight_shape, 1, 1), params.as_conv(), target)
+    return te.compute((n, int(weight_shape[0])), lambda b, o: out[b, o, 0, 0],
+                      name="tvmq_dense_out")
