@@ -32,13 +32,15 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target) ->
     sch.reverse_compute_at(requant, xo)
     rq_loops = sch.get_loops(requant)
     sch.vectorize(rq_loops[-1])
+    avx2 = has_feature(target, "avx2")
+    if not avx2:  # NEON and others: 8 int32 lanes, widening multiply-accumulate from int16
+        sch.reorder(rj, oi)
+        sch.unroll(rj)
+        sch.vectorize(oi)  # before decompose_reduction: vectorize needs the complete block
     init = sch.decompose_reduction(conv, rc)
     sch.vectorize(sch.get_loops(init)[-1])
-    if has_feature(target, "avx2"):
+    if avx2:
         sch.tensorize(oi, DOT_8X2_AVX2)
-    else:  # NEON and others: 8 int32 lanes, widening multiply-accumulate from int16
-        sch.unroll(rj)
-        sch.vectorize(oi)
     sch.unroll(xi)
     sch.set_scope(init, 0, "local")  # after tensorize: the intrinsic matches global buffers
 

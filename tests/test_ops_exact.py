@@ -102,3 +102,18 @@ def test_narrow_bits_saturate(bits, gen):
     want = m(x)
     assert int(want.max()) == (1 << (bits - 1)) - 1 and int(want.min()) == -(1 << (bits - 1))
     assert_bit_exact(run_tvm(m, x), want)
+
+
+GENERIC_X86 = {"kind": "llvm", "mcpu": "x86-64", "num-cores": 2}  # SSE2 only: no vpmaddwd
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:3] + CONV_CASES[5:6], ids=lambda c: "x".join(map(str, c[:6])))
+def test_qconv2d_vector_schedule_without_avx2(case, gen):
+    """The schedule the ARM targets get (vectorized int16 pairs, no x86 intrinsic) is exact
+    too: run it on this host through a target without AVX2."""
+    n, c, h, w, o, k, stride, padding, dil, groups = case
+    x, wt = int8(n, c, h, w, gen=gen), int8(o, c // groups, k, k, gen=gen)
+    b = torch.randint(-3000, 3000, (o,), generator=gen, dtype=torch.int32)
+    m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [stride] * 2, list(padding), [dil] * 2,
+                                             groups, 0, 6, True, 8), wt, b)
+    assert_bit_exact(run_tvm(m, x, target=GENERIC_X86), m(x))

@@ -8,6 +8,7 @@ place, so a failed build leaves nothing behind and an old artifact is replaced w
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import os
 import shutil
@@ -57,11 +58,15 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
     if not path.is_file():
         raise ModelFileError(f"model file {str(path)!r} does not exist")
     extra = {TVMQ_JSON: ""}
+    quiet = logging.getLogger("torch.export")
+    level, quiet.level = quiet.level, logging.ERROR  # our error below says it once, clearly
     try:
         ep = torch.export.load(path, extra_files=extra)
     except Exception as err:  # torch raises many kinds for a damaged archive
         raise ModelFileError(f"model file {str(path)!r} is not a readable torch.export"
                              f" program (.pt2): {type(err).__name__}: {err}") from None
+    finally:
+        quiet.setLevel(level)
     ep.tvmq_info = json.loads(extra[TVMQ_JSON]) if extra[TVMQ_JSON] else {"model": path.stem}
     return ep
 

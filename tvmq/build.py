@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             art = build(ep, target=args.target, out=out, name=name, parity=args.parity,
                         parity_data=parity_data, accuracy_data=accuracy_data, extra=extra)
     except USER_ERRORS as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         return 2
     Console().print(report(art))
     return 0 if art.manifest["parity"]["mismatches"] == 0 else 1
