@@ -67,16 +67,6 @@ def _lower_simple(kernel: Callable, name: str):
     return lower
 
 
-def _lower_qavg_pool2d(bb, args, attrs, target, node):
-    kernel, stride, bits = attrs
-    count = kernel[0] * kernel[1]
-    # the same rule as tvmq.ops.avg_pool_multiplier (shift for powers of two, else 2^16/n)
-    mult, shift = (1, count.bit_length() - 1) if count & (count - 1) == 0 else (
-        round((1 << 16) / count), 16)
-    return bb.call_te(pool.qavg_pool2d, *args, kernel, stride, bits, mult, shift,
-                      primfunc_name_hint="tvmq_qavg_pool2d")
-
-
 OPAQUE = ("tvmq_qconv2d", "tvmq_qdense")
 OP_PATTERN_OPAQUE = 8  # relax.OpPatternKind.kOpaque: FuseOps leaves the kernel alone
 
@@ -89,7 +79,7 @@ LOWERINGS: dict[str, Callable] = {
     "tvmq.qadd": _lower_simple(elementwise.qadd, "tvmq_qadd"),
     "tvmq.qrelu": _lower_simple(elementwise.qrelu, "tvmq_qrelu"),
     "tvmq.qmax_pool2d": _lower_simple(pool.qmax_pool2d, "tvmq_qmax_pool2d"),
-    "tvmq.qavg_pool2d": _lower_qavg_pool2d,
+    "tvmq.qavg_pool2d": _lower_simple(pool.qavg_pool2d, "tvmq_qavg_pool2d"),
 }
 
 

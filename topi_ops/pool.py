@@ -8,6 +8,14 @@ from tvm import te, tirx, topi
 from topi_ops.requantize import round_shift, saturate
 
 
+def avg_pool_multiplier(count: int) -> tuple[int, int]:
+    """(multiplier, shift) that divides an int32 sum by ``count``: a pure shift when ``count``
+    is a power of two, else ``round(2^16 / count)`` then a 16-bit shift (ALGORITHMS.md)."""
+    if count & (count - 1) == 0:
+        return 1, count.bit_length() - 1
+    return round((1 << 16) / count), 16
+
+
 def qmax_pool2d(data: te.Tensor, kernel, stride, padding) -> te.Tensor:
     """data [N, C, H, W] int8; padding (top, left, bottom, right) never wins the max."""
     n, c, h, w = (int(v) for v in data.shape)
@@ -24,8 +32,9 @@ def qmax_pool2d(data: te.Tensor, kernel, stride, padding) -> te.Tensor:
         name="tvmq_qmax_pool2d", tag="tvmq_pool")
 
 
-def qavg_pool2d(data: te.Tensor, kernel, stride, bits: int, mult: int, shift: int) -> te.Tensor:
+def qavg_pool2d(data: te.Tensor, kernel, stride, bits: int) -> te.Tensor:
     """data [N, C, H, W] int8, no padding; output at the input's exponent."""
+    mult, shift = avg_pool_multiplier(kernel[0] * kernel[1])
     n, c, h, w = (int(v) for v in data.shape)
     oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
     ry, rx = te.reduce_axis((0, kernel[0]), "ry"), te.reduce_axis((0, kernel[1]), "rx")

@@ -17,7 +17,8 @@ from torch import fx
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
-from tvmq.ops import INT_RANGE, avg_pool_multiplier
+from topi_ops.pool import avg_pool_multiplier
+from tvmq.quantizers import qrange
 from tvmq.qat import UnsupportedOpError
 
 R = relax.op
@@ -41,7 +42,7 @@ def _round_shift(bb, x, shift):
 
 
 def _saturate(bb, x, bits, relu=False):
-    lo, hi = INT_RANGE[bits]
+    lo, hi = qrange(bits)
     x = bb.emit(R.clip(x, 0 if relu else lo, hi))
     return bb.emit(R.astype(x, "int8"))
 
@@ -49,7 +50,7 @@ def _saturate(bb, x, bits, relu=False):
 def _body_quantize(bb, x, exponent, bits):
     scaled = bb.emit(R.multiply(x, _const(2.0 ** -exponent, "float32")))
     rounded = bb.emit(R.floor(R.add(scaled, _const(0.5, "float32"))))
-    lo, hi = INT_RANGE[bits]
+    lo, hi = qrange(bits)
     return bb.emit(R.astype(R.clip(rounded, lo, hi), "int8"))
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from topi_ops.pool import avg_pool_multiplier
+from tvmq.quantizers import qrange
+
 I32 = torch.int32
-# int8 after every op; an op's ``bits`` argument narrows it (INT-SE 6-bit, 2-bit activations)
-INT_RANGE = {bits: (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) for bits in range(2, 17)}
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -33,7 +34,7 @@ def round_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
 
 def saturate(x: torch.Tensor, bits: int, relu: bool = False) -> torch.Tensor:
     """Clamp an int32 tensor to the signed ``bits`` range (from 0 with ``relu``), as int8."""
-    lo, hi = INT_RANGE[bits]
+    lo, hi = qrange(bits)
     return x.clamp(0 if relu else lo, hi).to(torch.int8)
 
 
@@ -57,7 +58,7 @@ def _conv_i32(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, group
 def quantize(x: torch.Tensor, exponent: int, bits: int) -> torch.Tensor:
     """Float input -> int8 mantissa at ``exponent``: ``saturate(floor(x * 2^-e + 0.5))``."""
     scaled = torch.floor(x.float() * (2.0 ** -exponent) + 0.5)
-    lo, hi = INT_RANGE[bits]
+    lo, hi = qrange(bits)
     return scaled.clamp(lo, hi).to(torch.int8)
 
 
@@ -158,14 +159,6 @@ def _(x, kernel, stride, padding):
     oh = (h + padding[0] + padding[2] - kernel[0]) // stride[0] + 1
     ow = (w + padding[1] + padding[3] - kernel[1]) // stride[1] + 1
     return x.new_empty((n, c, oh, ow))
-
-
-def avg_pool_multiplier(count: int) -> tuple[int, int]:
-    """(multiplier, shift) that divides an int32 sum by ``count``: a pure shift when ``count`` is
-    a power of two, else ``round(2^16 / count)`` then a 16-bit shift (ALGORITHMS.md)."""
-    if count & (count - 1) == 0:
-        return 1, count.bit_length() - 1
-    return round((1 << 16) / count), 16
 
 
 @torch.library.custom_op("tvmq::qavg_pool2d", mutates_args=())
