@@ -21,7 +21,12 @@ def _x_tile(width: int) -> int:
 
 
 def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
-    """Register-tiled, parallel, tensorized schedule of ``tvmq_conv_acc`` (channel pairs)."""
+    """Register-tiled, parallel, tensorized schedule of ``tvmq_conv_acc`` (channel pairs),
+    with its requantize epilogue on the register tile and parallel data (un)packing."""
+    blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    if "tvmq_dense_as_image" in blocks:  # dense = 1x1 conv: its reshapes are free
+        sch.compute_inline(blocks["tvmq_dense_as_image"])
+        sch.reverse_compute_inline(blocks["tvmq_dense_out"])
     requant = sch.get_sblock("tvmq_conv_requant")
     n, ob, y, x, oi, rc, ry, rx, rj = sch.get_loops(conv)
     xo, xi = sch.split(x, [None, _x_tile(int(sch.get(x).extent))])
@@ -43,14 +48,15 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target) ->
         sch.tensorize(oi, DOT_8X2_AVX2)
     sch.unroll(xi)
     sch.set_scope(init, 0, "local")  # after tensorize: the intrinsic matches global buffers
+    for name in ("tvmq_conv_data_pack", "tvmq_conv_unpack"):
+        schedule_loop_nest(sch, sch.get_sblock(name), target)
 
 
 RULES = {"tvmq_qconv2d_pairs": schedule_conv_pairs}
 
 
 def apply_default_schedules(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """Schedule every PrimFunc of ``mod`` whose block carries a known ``schedule_rule``;
-    the other blocks of that function (data packing, layout) get the loop-nest schedule."""
+    """Schedule every PrimFunc of ``mod`` whose block carries a known ``schedule_rule``."""
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tirx.PrimFunc) or (func.attrs or {}).get(SCHEDULED, False):
             continue
@@ -61,12 +67,7 @@ def apply_default_schedules(mod: tvm.IRModule, target) -> tvm.IRModule:
         ruled = [(b, r) for b, r in ruled if r in RULES]
         if not ruled:
             continue
-        names = {sch.get(b).name_hint for b, _ in ruled}
         for block, rule in ruled:
             RULES[rule](sch, block, target)
-        for block in sch.get_child_blocks(sch.get_sblock("root")):
-            name = sch.get(block).name_hint
-            if name not in names and name != "tvmq_conv_requant":
-                schedule_loop_nest(sch, block, target)
         mod[gv] = sch.mod["main"].with_attr(SCHEDULED, True)
     return mod
