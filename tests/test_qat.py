@@ -116,3 +116,17 @@ def test_int_se_6bit_end_to_end(tmp_path):
     art = tvmq.build(deploy, torch.randn(1, 1, 8, 8), target="x86", out=tmp_path / "d6", parity=16)
     assert art.manifest["parity"]["mismatches"] == 0
     assert art.manifest["scheme"] == "int-se" and art.manifest["recipe"]["act_bits"] == 6
+
+
+def test_exponent_out_of_range_is_named():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    qat = tvmq.prepare(model, "int-se")
+    tvmq.calibrate(qat, [torch.randn(2, 1, 6, 6) * 1e-12])  # inputs far below 2^-24
+    with pytest.raises(tvmq.quantizers.ExponentRangeError, match="model input: .* -4[0-9]"):
+        tvmq.convert(qat)
+    qat = tvmq.prepare(model, "int-se")
+    with torch.no_grad():
+        qat.tvmq_conv_1.weight.mul_(1e-12)
+    tvmq.calibrate(qat, [torch.randn(2, 1, 6, 6)])
+    with pytest.raises(tvmq.quantizers.ExponentRangeError, match="layer 'tvmq_conv_1' weight"):
+        tvmq.convert(qat)

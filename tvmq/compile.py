@@ -13,6 +13,7 @@ from relay_passes import legalize_passes, lowering_passes
 from schedules.default import apply_default_schedules
 from schedules.elementwise import apply_memory_bound_schedules
 from schedules.targets import AARCH64_TRIPLE, is_host
+from tvmq.errors import ToolchainError
 
 CROSS_CXX = f"{AARCH64_TRIPLE}-g++"
 
@@ -63,7 +64,7 @@ def export_library(ex: relax.Executable, target: tvm.target.Target, path: str) -
         ex.export_library(path)
         return
     if shutil.which(CROSS_CXX) is None:
-        raise FileNotFoundError(
+        raise ToolchainError(
             f"cross compiler {CROSS_CXX!r} not found: install Debian's g++-aarch64-linux-gnu"
             " (the project's setup script does)")
     ex.export_library(path, fcompile=tvm.support.cc.cross_compiler(CROSS_CXX))

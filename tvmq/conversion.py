@@ -17,7 +17,8 @@ from torch import nn
 from tvmq import ops
 from tvmq.qat import (QAdd, QAvgPool2d, QConv2d, QLinear, QMaxPool2d, QReLU, QuantInput,
                       _QWeighted, UnsupportedOpError)
-from tvmq.quantizers import check_exponent, covering_exponent, to_mantissa
+from tvmq.quantizers import (ExponentRangeError, check_exponent, covering_exponent,
+                             to_mantissa)
 from tvmq.schemes import Recipe
 
 INT32_MAX = (1 << 31) - 1
@@ -112,7 +113,8 @@ class IntAvgPool2d(nn.Module):
 # ----------------------------------------------------------------------------- conversion
 def _shift(value: int, where: str, what: str, lo: int = -31, hi: int = 31) -> int:
     if not lo <= value <= hi:
-        raise ValueError(f"{where}: {what} {value} is outside [{lo}, {hi}]")
+        raise ExponentRangeError(f"{where}: {what} {value} is outside [{lo}, {hi}]: the"
+                                 " exponents of its tensors are too far apart")
     return value
 
 
@@ -159,9 +161,10 @@ def _convert_module(name: str, m: nn.Module, recipe: Recipe) -> nn.Module:
     if isinstance(m, QuantInput):
         return Quantize(check_exponent(m.out_quant.exponent, "model input"), recipe.act_bits)
     if isinstance(m, QAdd):
-        s_out = m.out_quant.exponent
-        a, b = (_shift(s_out - q.exponent, f"add {name!r}", "alignment shift")
-                for q in m.input_quant)
+        s_out = check_exponent(m.out_quant.exponent, f"add {name!r} output")
+        # each aligned input must stay below 2^30 so that their int32 sum cannot overflow
+        a, b = (_shift(s_out - q.exponent, f"add {name!r}", "alignment shift",
+                       lo=-(30 - recipe.act_bits + 1)) for q in m.input_quant)
         return IntAdd(a, b, m.relu, recipe.act_bits)
     if isinstance(m, QReLU):
         return IntReLU()

@@ -18,6 +18,10 @@ class ArtifactError(ValueError):
     """An artifact directory that cannot be written or read."""
 
 
+class ToolchainError(RuntimeError):
+    """A tool the build needs (the aarch64 cross compiler) is not installed."""
+
+
 USER_ERRORS = (UnsupportedOpError, AccumulatorOverflowError, ExponentRangeError,
                UnknownSchemeError, UnknownTargetError, LoweringError, FloatOpError,
-               ModelFileError, ArtifactError)
+               ModelFileError, ArtifactError, ToolchainError)
