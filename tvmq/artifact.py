@@ -195,7 +195,7 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
                          "exponent": _boundary(ep, "dequantize")}],
             "parity": {"inputs": len(xs), "elements": elements, "mismatches": mismatches},
             "sizes": {"library_bytes": (tmp / LIBRARY).stat().st_size,
-                      "float_weight_bytes": 4 * weights},
+                      "int_weight_bytes": weights, "float_weight_bytes": 4 * weights},
             "build_seconds": round(time.perf_counter() - start, 2),
             **extra,
         }

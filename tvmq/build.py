@@ -62,18 +62,18 @@ def report(art: Artifact) -> Table:
     table.add_row("model", m["model"])
     table.add_row("scheme", str(m["scheme"]))
     table.add_row("target", f"{m['target']['name']} ({m['target']['tvm'].get('mcpu', '')})")
-    acc = m.get("accuracy")
-    if acc:
-        table.add_row("accuracy (digits test)", "  ".join(
-            f"{k} {v:.2f}%" for k, v in acc.items()))
+    labels = {"float": "float model", "fake_quant": "QAT fake-quant",
+              "deploy_torch": "deploy, PyTorch int ref", "deploy_tvm": "deploy, TVM (this host)"}
+    for key, value in (m.get("accuracy") or {}).items():
+        table.add_row(f"accuracy: {labels.get(key, key)}", f"{value:.2f} % (digits test split)")
     p = m["parity"]
     verdict = "[green]bit-exact[/]" if p["mismatches"] == 0 else "[red]MISMATCH[/]"
     table.add_row("parity vs PyTorch int ref",
                   f"{verdict}: {p['mismatches']} of {p['elements']} elements differ"
                   f" over {p['inputs']} inputs (run on this host)")
     s = m["sizes"]
-    table.add_row("library / float weights",
-                  f"{s['library_bytes'] / 1e3:.1f} kB / {s['float_weight_bytes'] / 1e3:.1f} kB")
+    table.add_row("size", f"library {s['library_bytes'] / 1e3:.1f} kB; weights int8"
+                  f" {s['int_weight_bytes'] / 1e3:.1f} kB vs float {s['float_weight_bytes'] / 1e3:.1f} kB")
     table.add_row("build time", f"{m['build_seconds']:.1f} s")
     return table
 
