@@ -162,7 +162,8 @@ class QAvgPool2d(nn.Module):
 _RELU = {F.relu, torch.relu, nn.ReLU}
 _ADD = {operator.add, operator.iadd, torch.add}
 _SHAPE = {torch.flatten, "flatten", "view", "reshape", nn.Flatten}
-_IDENTITY = {nn.Identity, nn.Dropout}
+_IDENTITY = {nn.Identity, nn.Dropout, F.dropout}
+_SHAPE_QUERY = {getattr, operator.getitem, "size", "dim"}  # x.shape[0] and friends: not tensors
 
 
 def _kind(gm: fx.GraphModule, node: fx.Node):
@@ -277,7 +278,16 @@ class _Preparer:
                 q.input_quant = (src,)
                 new = self._replace(node, node, q, "avgpool", (node.args[0],))
                 self.quant_of[new] = src
-            elif kind in _SHAPE or kind in _IDENTITY:
+            elif kind in _SHAPE_QUERY and not (kind is operator.getitem
+                                               and node.args[0] in self.quant_of):
+                continue
+            elif kind in _IDENTITY:  # no-ops at inference: drop them from the graph
+                src = node.args[0]
+                self._input_quant(node, src)
+                node.replace_all_uses_with(src)
+                gm.graph.erase_node(node)
+                self.erased.add(node)
+            elif kind in _SHAPE:
                 self.quant_of[node] = self._input_quant(node, node.args[0])
             else:
                 raise UnsupportedOpError(
@@ -287,6 +297,7 @@ class _Preparer:
                     " flatten/view/reshape"
                 )
         gm.graph.lint()
+        gm.delete_all_unused_submodules()  # the float layers now living inside QAT modules
         gm.recompile()
         gm.tvmq_recipe = recipe
         return gm

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from tvmq.qat import lock_batchnorm
+from tvmq.quantizers import IntSEQuantizer
 
 
 def progress(**kw) -> Progress:
@@ -55,8 +56,10 @@ def calibrate(qat: nn.Module, batches: Iterable) -> nn.Module:
     """Choose activation exponents from data (no weight update). BN is locked first so the
     statistics are those of the deployed arithmetic. ``batches`` yields inputs or (x, y)."""
     lock_batchnorm(qat)
-    for m in qat.modules():  # observers on, BN statistics frozen
-        m.train(not isinstance(m, nn.modules.batchnorm._BatchNorm))
+    qat.eval()
+    for m in qat.modules():  # only the activation observers learn
+        if isinstance(m, IntSEQuantizer):
+            m.train()
     for batch in batches:
         qat(batch[0] if isinstance(batch, (tuple, list)) else batch)
     return qat.eval()
