@@ -8,6 +8,7 @@ from tvm import s_tir, tirx
 
 SCHEDULED = "tir.is_scheduled"
 VECTOR = 16  # int8/int32 lanes per chunk: a multiple of the NEON and AVX2 widths
+REDUCE_VECTOR = 8  # output columns computed together by a pooling window loop
 
 
 def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) -> None:
@@ -20,13 +21,23 @@ def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) ->
     n_spatial = next((i for i, k in enumerate(kinds) if k != tirx.IterVar.DataPar), len(kinds))
     if n_spatial == 0:
         return
+    cores = int(target.attrs.get("num-cores", 1) or 1)
+    width = int(sch.get(loops[n_spatial - 1]).extent)
+    if n_spatial < len(kinds) and n_spatial >= 2 and width % REDUCE_VECTOR == 0:
+        # a window reduction (pooling): the window loops go outside a vector of columns
+        outer = sch.fuse(*loops[:n_spatial - 1]) if n_spatial > 2 else loops[0]
+        xo, xi = sch.split(loops[n_spatial - 1], [None, REDUCE_VECTOR])
+        sch.reorder(xo, *loops[n_spatial:], xi)
+        sch.vectorize(xi)
+        if int(sch.get(outer).extent) >= 2 * cores:
+            sch.parallel(outer)
+        return
     fused = sch.fuse(*loops[:n_spatial]) if n_spatial > 1 else loops[0]
     extent = int(sch.get(fused).extent)
     if n_spatial == len(kinds) and extent >= 4 * VECTOR and extent % VECTOR == 0:
         fused, inner = sch.split(fused, [None, VECTOR])
         sch.vectorize(inner)
         extent //= VECTOR
-    cores = int(target.attrs.get("num-cores", 1) or 1)
     if extent >= 2 * cores:
         sch.parallel(fused)
 
