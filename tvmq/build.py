@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="artifact directory (default build/MODEL-TARGET)")
     ap.add_argument("--scheme", default="int-se", help=f"for zoo/default models: {', '.join(SCHEMES)}")
     ap.add_argument("--parity", type=int, default=64, help="inputs in the local parity check")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no training progress bars")
     args = ap.parse_args(argv)
     try:
         if args.target not in TARGETS:
