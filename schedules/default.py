@@ -13,11 +13,15 @@ from schedules.elementwise import SCHEDULED, schedule_loop_nest
 from schedules.intrinsics import DOT_8X2_AVX2
 from schedules.targets import has_feature
 
-X_TILE = 8  # output columns per register tile: 8 accumulators + 1 weight + 1 broadcast
-
-
-def _x_tile(width: int) -> int:
-    return max(t for t in range(1, X_TILE + 1) if width % t == 0)
+def register_tile(out_blocks: int, width: int) -> tuple[int, int]:
+    """(output-channel blocks, output columns) of the int32 accumulator tile kept in the 16
+    AVX2/NEON registers. Each reduction step loads one broadcast per column and one weight
+    vector per block: 2 blocks x 4..6 columns does 8..12 multiply-adds per 6..8 loads (with
+    15 registers at most); narrow rows (7, 14) fall back to 1 block x up to 8 columns."""
+    cols = max(t for t in range(1, 7) if width % t == 0)
+    if cols >= 4 and out_blocks % 2 == 0:
+        return 2, cols
+    return 1, max(t for t in range(1, 9) if width % t == 0)
 
 
 def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
@@ -29,11 +33,13 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target) ->
         sch.reverse_compute_inline(blocks["tvmq_dense_out"])
     requant = sch.get_sblock("tvmq_conv_requant")
     n, ob, y, x, oi, rc, ry, rx, rj = sch.get_loops(conv)
-    xo, xi = sch.split(x, [None, _x_tile(int(sch.get(x).extent))])
-    sch.reorder(n, ob, y, xo, rc, ry, rx, xi, oi, rj)
-    outer = sch.fuse(n, ob, y)
+    ob_tile, x_tile = register_tile(int(sch.get(ob).extent), int(sch.get(x).extent))
+    obo, obi = sch.split(ob, [None, ob_tile])
+    xo, xi = sch.split(x, [None, x_tile])
+    sch.reorder(n, obo, y, xo, rc, ry, rx, obi, xi, oi, rj)
+    outer = sch.fuse(n, obo, y)
     sch.parallel(outer)
-    # the accumulator tile [X_TILE, 8] lives in registers; requantize right after it
+    # the accumulator tile [ob_tile, x_tile, 8] lives in registers; requantize right after it
     sch.reverse_compute_at(requant, xo)
     rq_loops = sch.get_loops(requant)
     sch.vectorize(rq_loops[-1])
@@ -47,6 +53,7 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target) ->
     if avx2:
         sch.tensorize(oi, DOT_8X2_AVX2)
     sch.unroll(xi)
+    sch.unroll(obi)
     sch.set_scope(init, 0, "local")  # after tensorize: the intrinsic matches global buffers
     for name in ("tvmq_conv_data_pack", "tvmq_conv_unpack"):
         schedule_loop_nest(sch, sch.get_sblock(name), target)
