@@ -36,7 +36,8 @@ def zoo_program(name: str, scheme: str, calib_batches: int = 2):
 
 
 def load_model(model: str | None, scheme: str, quiet: bool):
-    """(program, extra manifest fields, accuracy data or None) for the CLI's MODEL."""
+    """The CLI's MODEL as (program, extra manifest fields, (images, labels) to measure
+    accuracy on or None, inputs for the parity check or None for noise)."""
     if model is None or model == "digits":
         from tvmq.default_model import default_program
 
