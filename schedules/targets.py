@@ -6,6 +6,8 @@ machine has; ``arm`` and ``rpi5`` are the Raspberry Pi 4 / 5 cores, cross-compil
 """
 from __future__ import annotations
 
+import os
+
 import tvm
 
 # Raspberry Pi 4: Cortex-A72, NEON, no dot product.  Pi 5: Cortex-A76 with sdot/udot.
@@ -21,10 +23,12 @@ class UnknownTargetError(ValueError):
     """A target name or dict tvmq does not know."""
 
 
-def host_target(num_cores: int = 2) -> tvm.target.Target:
-    """The CPU this process runs on, with the exact ``mcpu`` LLVM detects (e.g. znver3)."""
+def host_target(num_cores: int | None = None) -> tvm.target.Target:
+    """The CPU this process runs on, with the exact ``mcpu`` LLVM detects (e.g. znver3) and
+    its core count (schedules split parallel work by it)."""
     cpu = tvm.target.codegen.llvm_get_system_cpu()
-    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": num_cores})
+    cores = num_cores or len(os.sched_getaffinity(0))
+    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": cores})
 
 
 def resolve(target: "str | dict | tvm.target.Target") -> tvm.target.Target:
