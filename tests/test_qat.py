@@ -149,7 +149,7 @@ class FunctionalNet(nn.Module):
         y = self.bn2(self.conv2(x))
         x = torch.relu(x + y)
         x = F.max_pool2d(x, 2)
-        x = F.relu(x)
+        x = x.relu()
         x = self.drop(x)
         return self.fc(x.view(x.shape[0], -1))
 

@@ -146,6 +146,9 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
         ep = load_program(model)
     elif isinstance(model, torch.export.ExportedProgram):
         ep = model
+    elif example is None:
+        raise ValueError("tvmq.build(model, example, ...): an example input is needed to"
+                         " export a torch module")
     else:
         ep = export(model, example, name=name or type(model).__name__)
     info = getattr(ep, "tvmq_info", {})

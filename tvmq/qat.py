@@ -159,8 +159,8 @@ class QAvgPool2d(nn.Module):
 
 
 # ----------------------------------------------------------------------------- prepare
-_RELU = {F.relu, torch.relu, nn.ReLU}
-_ADD = {operator.add, operator.iadd, torch.add}
+_RELU = {F.relu, torch.relu, nn.ReLU, "relu"}
+_ADD = {operator.add, operator.iadd, torch.add, "add"}
 _SHAPE = {torch.flatten, "flatten", "view", "reshape", nn.Flatten}
 _IDENTITY = {nn.Identity, nn.Dropout, F.dropout}
 _SHAPE_QUERY = {getattr, operator.getitem, "size", "dim"}  # x.shape[0] and friends: not tensors
