@@ -36,14 +36,18 @@ def _constant(expr: relax.Expr, what: str, node: str) -> np.ndarray:
     return expr.value.numpy()
 
 
+def _aligned_bias(expr: relax.Expr, bias_shift: int, node: str) -> np.ndarray:
+    """The bias brought to the accumulator's exponent once, at build time (exact)."""
+    return (_constant(expr, "the bias", node).astype(np.int64) << bias_shift).astype(np.int32)
+
+
 def _lower_qconv2d(bb, args, attrs, target, node):
     stride, padding, dilation, groups, bias_shift, out_shift, relu, bits = attrs
     x, w, b = args
     weight = _constant(w, "the weight", node)
-    bias = _constant(b, "the bias", node).astype(np.int64) << bias_shift
     params = conv_ops.Conv2dParams(tuple(stride), tuple(padding), tuple(dilation), groups,
                                    out_shift, relu, bits)
-    packed = conv_ops.pack_conv2d(weight, bias.astype(np.int32), params, target)
+    packed = conv_ops.pack_conv2d(weight, _aligned_bias(b, bias_shift, node), params, target)
     kernel = partial(conv_ops.qconv2d, weight_shape=weight.shape, params=params, target=target)
     return bb.call_te(kernel, x, *[relax.const(p) for p in packed],
                       primfunc_name_hint="tvmq_qconv2d")
@@ -53,9 +57,8 @@ def _lower_qlinear(bb, args, attrs, target, node):
     bias_shift, out_shift, relu, bits = attrs
     x, w, b = args
     weight = _constant(w, "the weight", node)
-    bias = (_constant(b, "the bias", node).astype(np.int64) << bias_shift).astype(np.int32)
     params = dense_ops.DenseParams(out_shift, relu, bits)
-    packed = dense_ops.pack_dense(weight, bias, params, target)
+    packed = dense_ops.pack_dense(weight, _aligned_bias(b, bias_shift, node), params, target)
     kernel = partial(dense_ops.qdense, weight_shape=weight.shape, params=params, target=target)
     return bb.call_te(kernel, x, *[relax.const(p) for p in packed],
                       primfunc_name_hint="tvmq_qdense")
