@@ -32,11 +32,11 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target) ->
         sch.compute_inline(blocks["tvmq_dense_as_image"])
         sch.reverse_compute_inline(blocks["tvmq_dense_out"])
     requant = sch.get_sblock("tvmq_conv_requant")
-    n, ob, y, x, oi, rc, ry, rx, rj = sch.get_loops(conv)
+    n, ob, y, x, oi, ry, rx, rc, rj = sch.get_loops(conv)
     ob_tile, x_tile = register_tile(int(sch.get(ob).extent), int(sch.get(x).extent))
     obo, obi = sch.split(ob, [None, ob_tile])
     xo, xi = sch.split(x, [None, x_tile])
-    sch.reorder(n, obo, y, xo, rc, ry, rx, obi, xi, oi, rj)
+    sch.reorder(n, obo, y, xo, ry, rx, rc, obi, xi, oi, rj)
     outer = sch.fuse(n, obo, y)
     sch.parallel(outer)
     # the accumulator tile [ob_tile, x_tile, 8] lives in registers; requantize right after it
@@ -48,7 +48,7 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target) ->
         sch.reorder(rj, oi)
         sch.unroll(rj)
         sch.vectorize(oi)  # before decompose_reduction: vectorize needs the complete block
-    init = sch.decompose_reduction(conv, rc)
+    init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     if avx2:
         sch.tensorize(oi, DOT_8X2_AVX2)
