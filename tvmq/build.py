@@ -24,18 +24,28 @@ from tvmq.schemes import SCHEMES
 console = Console(stderr=True)
 
 
-def zoo_program(name: str, scheme: str, calib_batches: int = 2):
-    """A zoo model with random weights, calibrated (PTQ) on noise, as a deploy program."""
+# the local dataset a zoo model calibrates on with --data DIR
+ZOO_DATA = {"resnet20": data.cifar10, "resnet18": data.image_folder}
+
+
+def zoo_program(name: str, scheme: str, images: torch.Tensor | None = None,
+                calib_batches: int = 2, batch: int = 8):
+    """A zoo model with random weights, calibrated (PTQ) on ``images`` (else noise), as a
+    deploy program."""
     from tvmq import calibrate, convert, export, prepare
 
     factory, shape = zoo.ZOO[name]
     torch.manual_seed(0)
     qat = prepare(factory(), scheme)
-    calibrate(qat, [torch.randn(shape) for _ in range(calib_batches)])
+    if images is None:
+        batches = [torch.randn(shape) for _ in range(calib_batches)]
+    else:
+        batches = list(images[:calib_batches * batch].split(batch))
+    calibrate(qat, batches)
     return export(convert(qat), torch.randn(shape), name=name)
 
 
-def load_model(model: str | None, scheme: str, quiet: bool):
+def load_model(model: str | None, scheme: str, quiet: bool, data_dir: str | None = None):
     """The CLI's MODEL as (program, extra manifest fields, (images, labels) to measure
     accuracy on or None, inputs for the parity check or None for noise)."""
     if model is None or model == "digits":
@@ -46,8 +56,15 @@ def load_model(model: str | None, scheme: str, quiet: bool):
         test = data.digits("test")
         return ep, {"accuracy": dict(acc)}, test.tensors, test.tensors[0]
     if model in zoo.ZOO:
-        with console.status(f"{model}: calibrating random weights"):
-            return zoo_program(model, scheme), {"weights": "random, calibrated on noise"}, None, None
+        images, source = None, "noise"
+        if data_dir is not None:
+            if model not in ZOO_DATA:
+                raise data.DatasetError(f"--data: {model} has no local dataset loader")
+            loader = ZOO_DATA[model]
+            images, source = loader(data_dir).tensors[0], f"{data_dir} ({loader.__name__})"
+        with console.status(f"{model}: calibrating random weights on {source}"):
+            program = zoo_program(model, scheme, images)
+        return program, {"weights": f"random, calibrated on {source}"}, None, images
     if model.endswith(".pt2") or "/" in model:
         from tvmq.artifact import load_program
 
@@ -86,6 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="artifact directory (default build/MODEL-TARGET)")
     ap.add_argument("--scheme", default="int-se", help=f"for zoo/default models: {', '.join(SCHEMES)}")
     ap.add_argument("--parity", type=int, default=64, help="inputs in the local parity check")
+    ap.add_argument("--data", help="zoo models: calibrate and check parity on a local dataset"
+                    " (resnet20: CIFAR-10 python batches; resnet18: an ImageNet-style folder)")
     ap.add_argument("--quiet", action="store_true", help="no training progress bars")
     args = ap.parse_args(argv)
     try:
@@ -93,7 +112,8 @@ def main(argv=None) -> int:
             from schedules.targets import resolve
 
             resolve(args.target)  # raises the clear error
-        ep, extra, accuracy_data, parity_data = load_model(args.model, args.scheme, args.quiet)
+        ep, extra, accuracy_data, parity_data = load_model(args.model, args.scheme, args.quiet,
+                                                           args.data)
         name = ep.tvmq_info.get("model", "model") if hasattr(ep, "tvmq_info") else "model"
         out = args.out or f"build/{name}-{args.target}"
         with console.status(f"compiling {name} for {args.target}"):

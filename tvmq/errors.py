@@ -5,6 +5,7 @@ from __future__ import annotations
 from relay_passes import FloatOpError, LoweringError
 from schedules.targets import UnknownTargetError
 from tvmq.conversion import AccumulatorOverflowError
+from tvmq.data import DatasetError
 from tvmq.qat import UnsupportedOpError
 from tvmq.quantizers import ExponentRangeError
 from tvmq.schemes import UnknownSchemeError
@@ -24,4 +25,4 @@ class ToolchainError(RuntimeError):
 
 USER_ERRORS = (UnsupportedOpError, AccumulatorOverflowError, ExponentRangeError,
                UnknownSchemeError, UnknownTargetError, LoweringError, FloatOpError,
-               ModelFileError, ArtifactError, ToolchainError)
+               ModelFileError, ArtifactError, ToolchainError, DatasetError)
