@@ -1,19 +1,20 @@
 """``python -m tvmq.bench``: tvmq against its peers, side by side, in one run.
 
-Peers (each timed in its own process: PyTorch's and TVM's thread pools both spin and slow
-each other down when they share one):
+Peers, each timed in its own process, one after the other (PyTorch's OpenMP pool and TVM's
+thread pool both spin, and slow each other down when they share a process):
 
-- ``torch_fp32``  PyTorch eager fp32 (the faster of NCHW and channels_last)
-- ``torch_int8``  PyTorch int8, FX graph mode quantization on the x86 backend
-- ``tvm_fp32``    TVM 0.27, float model, default pipeline, untuned
+- ``torch_fp32``  PyTorch eager fp32, the faster of NCHW and channels_last
+- ``torch_int8``  PyTorch int8: FX graph mode quantization, x86 backend
+- ``tvm_fp32``    TVM, float model, default Relax pipeline, untuned
 - ``tvmq_w8a8``   tvmq INT-SE W8A8 with its default schedules, untuned
 
-The machine is shared and noisy, so the results are *ratios* within one run; absolute
-milliseconds drift from run to run. Writes ``OUT/bench.json`` and ``OUT/bench.png``.
+The machine is shared and noisy: read the ratios of one run, not milliseconds across runs.
+Writes ``OUT/bench.json`` and ``OUT/bench.png``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -22,224 +23,346 @@ import tempfile
 import time
 from pathlib import Path
 
-PEERS = ("torch_fp32", "torch_int8", "tvm_fp32", "tvmq_w8a8")
 LABELS = {"torch_fp32": "PyTorch fp32", "torch_int8": "PyTorch int8 (x86)",
           "tvm_fp32": "TVM fp32 untuned", "tvmq_w8a8": "tvmq W8A8 default"}
-BAR = ("tvmq_w8a8", "torch_fp32", 2.0)  # this milestone's bar: tvmq <= 2x PyTorch fp32
+BASELINES = ("torch_fp32", "torch_int8")
+SHORT = {"torch_fp32": "fp32", "torch_int8": "int8"}  # table headers
+BAR = ("tvmq_w8a8", "torch_fp32", 2.0)  # the project's bar: tvmq W8A8 <= 2x PyTorch fp32
+SEED = 0
+WARMUP = 3            # untimed calls before timing
+MIN_REPEAT_MS = 200   # calls per repeat are chosen so that one repeat lasts at least this
+CALIB_BATCHES = 4     # random batches the PyTorch int8 observers see
+PARITY_INPUTS = 2     # tvmq.build's parity check (not the point here: keep it short)
+RESULT = "TVMQ-BENCH-RESULT "  # prefix of the line a peer process prints its result on
 
 
-# ----------------------------------------------------------------------------- one peer
-def _stats(samples_ms: list[float]) -> dict:
+# ----------------------------------------------------------------------------- timing
+def _stats(samples_ms: list[float], number: int | None = None) -> dict:
+    """Median and interquartile range of per-call times (ms); ``number`` calls per repeat
+    (None: chosen by TVM's timer)."""
     import numpy as np
 
     q1, med, q3 = np.percentile(samples_ms, [25, 50, 75])
-    return {"median_ms": float(med), "iqr_ms": float(q3 - q1), "samples": len(samples_ms)}
+    return {"median_ms": float(med), "iqr_ms": float(q3 - q1), "q1_ms": float(q1),
+            "q3_ms": float(q3), "repeats": len(samples_ms),
+            "number": number}
 
 
-def _time_python(fn, repeats: int, min_ms: float = 200.0) -> dict:
-    """Median over ``repeats`` of the mean time of ``number`` calls (``number`` chosen so one
-    repeat lasts at least ``min_ms``), after a warm-up."""
-    for _ in range(3):
+def _time_python(fn, repeats: int) -> dict:
+    """Time a Python callable.
+
+    Parameters
+    ----------
+    fn : callable
+        Called with no arguments.
+    repeats : int
+        Timed repeats; each runs ``fn`` ``number`` times, ``number`` chosen after the
+        warm-up so that one repeat lasts at least ``MIN_REPEAT_MS``.
+
+    Returns
+    -------
+    dict
+        ``median_ms``, ``iqr_ms`` (per call), ``repeats``, ``number``.
+    """
+    import numpy as np
+
+    warm = []
+    for _ in range(WARMUP):
+        t = time.perf_counter()
         fn()
-    t = time.perf_counter()
-    fn()
-    number = max(1, int(min_ms / 1e3 / max(time.perf_counter() - t, 1e-6)))
+        warm.append(time.perf_counter() - t)
+    number = max(1, int(np.ceil(MIN_REPEAT_MS / 1e3 / max(np.median(warm), 1e-9))))
     samples = []
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(number):
             fn()
         samples.append((time.perf_counter() - t) / number * 1e3)
-    return _stats(samples)
+    return _stats(samples, number)
 
 
 def _time_vm(lib, x, repeats: int) -> dict:
+    """Time ``main`` of a Relax VM library (or Executable) on ``x`` with TVM's own timer.
+
+    Parameters
+    ----------
+    lib : tvm.runtime.Module or tvm.runtime.Executable
+        The compiled model.
+    x : torch.Tensor
+        The float input.
+    repeats : int
+        Timed repeats of at least ``MIN_REPEAT_MS`` each (``time_evaluator`` adapts the
+        number of calls per repeat).
+
+    Returns
+    -------
+    dict
+        As :func:`_time_python`.
+    """
     import tvm
     from tvm import relax
 
     vm = relax.VirtualMachine(lib, tvm.cpu())
     data = tvm.runtime.tensor(x.numpy())
-    vm["main"](data)  # warm-up
-    timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeats, min_repeat_ms=200)
+    for _ in range(WARMUP):
+        vm["main"](data)
+    timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeats,
+                              min_repeat_ms=MIN_REPEAT_MS)
     return _stats([r * 1e3 for r in timer(data).results])
 
 
+# ----------------------------------------------------------------------------- peers
 def _float_model(model: str):
+    """The zoo model with random weights (seed ``SEED``), in eval mode, and one input."""
     import torch
 
     from tvmq import zoo
 
     factory, shape = zoo.ZOO[model]
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     return factory().eval(), torch.randn(shape)
 
 
-def run_peer(peer: str, model: str, threads: int, repeats: int) -> dict:
+def torch_fp32(model: str, repeats: int) -> dict:
+    """PyTorch eager fp32 under ``inference_mode``: NCHW and channels_last, the faster."""
     import torch
 
-    torch.set_num_threads(threads)
     net, x = _float_model(model)
-    if peer == "torch_fp32":
-        best = None
-        for fmt in (torch.contiguous_format, torch.channels_last):
-            m, xi = net.to(memory_format=fmt), x.contiguous(memory_format=fmt)
-            with torch.inference_mode():
-                r = _time_python(lambda: m(xi), repeats)
-            r["layout"] = "channels_last" if fmt is torch.channels_last else "NCHW"
-            best = r if best is None or r["median_ms"] < best["median_ms"] else best
-        return best
-    if peer == "torch_int8":
+    best = None
+    for name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        m, xi = copy.deepcopy(net).to(memory_format=fmt), x.contiguous(memory_format=fmt)
+        with torch.inference_mode():
+            r = {**_time_python(lambda: m(xi), repeats), "note": name}
+        best = r if best is None or r["median_ms"] < best["median_ms"] else best
+    return best
+
+
+def torch_int8(model: str, repeats: int) -> dict:
+    """PyTorch int8: ``prepare_fx``/``convert_fx`` with the x86 qconfig mapping, calibrated
+    on random batches; ``{"unavailable": reason}`` when this torch has no FX quantization."""
+    import torch
+
+    try:
         from torch.ao.quantization import get_default_qconfig_mapping
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
         torch.backends.quantized.engine = "x86"
-        prepared = prepare_fx(net, get_default_qconfig_mapping("x86"), (x,))
-        with torch.inference_mode():
-            for _ in range(4):
-                prepared(torch.randn_like(x))
-        q = convert_fx(prepared)
-        with torch.inference_mode():
-            return {**_time_python(lambda: q(x), repeats), "engine": "x86 (fbgemm+onednn)"}
-    if peer == "tvm_fp32":
-        import tvm
-        from tvm.relax.frontend.torch import from_exported_program
-
-        from schedules.targets import resolve
-
-        ep = torch.export.export(net, (x,))
-        mod = from_exported_program(ep, unwrap_unit_return_tuple=True)
-        t = time.perf_counter()
-        lib = tvm.compile(mod, resolve("x86"))
-        return {**_time_vm(lib, x, repeats), "build_s": time.perf_counter() - t}
-    if peer == "tvmq_w8a8":
-        import tvmq
-        from tvmq.build import zoo_program
-
-        ep = zoo_program(model, "int-se")
-        t = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            art = tvmq.build(ep, target="x86", out=Path(tmp) / "a", parity=2)
-            import tvm
-
-            lib = tvm.runtime.load_module(str(art.library))
-            return {**_time_vm(lib, x, repeats), "build_s": time.perf_counter() - t,
-                    "parity_mismatches": art.manifest["parity"]["mismatches"]}
-    raise ValueError(f"unknown peer {peer!r}")
+    except (ImportError, AttributeError, RuntimeError) as err:
+        return {"unavailable": f"FX quantization (x86) unavailable in torch {torch.__version__}:"
+                               f" {type(err).__name__}: {err}"}
+    net, x = _float_model(model)
+    prepared = prepare_fx(net, get_default_qconfig_mapping("x86"), (x,))
+    with torch.inference_mode():
+        for _ in range(CALIB_BATCHES):
+            prepared(torch.randn_like(x))
+    q = convert_fx(prepared)
+    with torch.inference_mode():
+        return {**_time_python(lambda: q(x), repeats), "note": "engine x86"}
 
 
-# ----------------------------------------------------------------------------- the run
-def _machine() -> dict:
+def tvm_fp32(model: str, repeats: int) -> dict:
+    """TVM fp32: ``torch.export`` -> ``from_exported_program`` -> ``tvm.compile`` for the
+    host target (default Relax pipeline, no tuning)."""
     import torch
     import tvm
+    from tvm.relax.frontend.torch import from_exported_program
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "unknown")
-    return {"cpu": cpu, "llvm_mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-            "torch": torch.__version__, "tvm": tvm.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    from schedules.targets import resolve
+
+    net, x = _float_model(model)
+    t = time.perf_counter()
+    mod = from_exported_program(torch.export.export(net, (x,)), unwrap_unit_return_tuple=True)
+    lib = tvm.compile(mod, resolve("x86")).jit()  # the LLVM code generation happens here
+    build_s = time.perf_counter() - t
+    return {**_time_vm(lib, x, repeats), "build_s": build_s, "note": f"build {build_s:.0f} s"}
 
 
-def _spawn(peer, args) -> dict:
-    env = {**os.environ, "TVM_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+def tvmq_w8a8(model: str, repeats: int) -> dict:
+    """tvmq INT-SE W8A8, default schedules: the CLI's path for a zoo model (``zoo_program``
+    then ``tvmq.build``), the library loaded back from ``model.so``."""
+    import tvm
+
+    import tvmq
+    from tvmq.build import zoo_program
+
+    _, x = _float_model(model)
+    t = time.perf_counter()
+    ep = zoo_program(model, "int-se")
+    with tempfile.TemporaryDirectory() as tmp:
+        art = tvmq.build(ep, target="x86", out=Path(tmp) / model, parity=PARITY_INPUTS)
+        build_s = time.perf_counter() - t
+        lib = tvm.runtime.load_module(str(art.path / "model.so"))
+        mismatches = art.manifest["parity"]["mismatches"]
+        return {**_time_vm(lib, x, repeats), "build_s": build_s,
+                "parity_mismatches": mismatches,
+                "note": f"build {build_s:.0f} s, parity {'ok' if not mismatches else 'MISMATCH'}"}
+
+
+PEERS = {fn.__name__: fn for fn in (torch_fp32, torch_int8, tvm_fp32, tvmq_w8a8)}
+
+
+# ----------------------------------------------------------------------------- runner
+def _spawn(peer: str, args) -> dict:
+    """Run one peer in a fresh process (``--peer``) and read its JSON result back."""
+    env = {**os.environ, "TVM_NUM_THREADS": str(args.threads),
+           "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "tvmq.bench", "--peer", peer, "--model", args.model,
            "--threads", str(args.threads), "--repeats", str(args.repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    lines = [ln[len(RESULT):] for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         return {"error": tail}
     return json.loads(lines[-1])
 
 
+def _machine(threads: int) -> dict:
+    """CPU model, LLVM's mcpu for it, thread count, library versions, date, tvmq commit."""
+    import torch
+    import tvm
+
+    with open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                   "unknown")
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    return {"cpu": cpu, "llvm_mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+            "threads": threads, "torch": torch.__version__, "tvm": tvm.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "tvmq_commit": head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")}
+
+
+def _ratios(results: dict) -> dict:
+    """``{"peer/baseline": median ratio}`` for every measured peer and baseline."""
+    ok = {p: r["median_ms"] for p, r in results.items() if "median_ms" in r}
+    return {f"{p}/{b}": ok[p] / ok[b] for p in ok for b in BASELINES if b in ok and b != p}
+
+
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
+    """``write(tmp)`` into a temporary sibling of ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _plot(results: dict, title: str, path: Path) -> None:
+    """Horizontal bars of the medians, whiskers from the first to the third quartile; log
+    scale when the medians span a lot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [p for p in results if "median_ms" in results[p]]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    bars = ax.barh([LABELS[p] for p in names], [results[p]["median_ms"] for p in names],
-                   xerr=[results[p]["iqr_ms"] / 2 for p in names],
-                   color=["#4c72b0" if p != "tvmq_w8a8" else "#dd8452" for p in names])
+    names = [p for p, r in results.items() if "median_ms" in r]
+    times = [results[p]["median_ms"] for p in names]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.5))
+    bars = ax.barh([LABELS[p] for p in names], times,
+                   xerr=[[results[p]["median_ms"] - results[p]["q1_ms"] for p in names],
+                         [results[p]["q3_ms"] - results[p]["median_ms"] for p in names]],
+                   color=["C1" if p == BAR[0] else "C0" for p in names])
     ax.bar_label(bars, fmt="%.1f ms", padding=4)
     ax.invert_yaxis()
-    times = [results[p]["median_ms"] for p in names]
-    if max(times) > 20 * min(times):  # an untuned peer would flatten the others
+    ax.margins(x=0.15)  # room for the labels
+    if times and max(times) > 20 * min(times):  # an untuned peer would flatten the others
         ax.set_xscale("log")
     ax.set_xlabel("median latency, ms (lower is better)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize="medium")
     fig.tight_layout()
     _write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+
+
+def _table(results: dict, ratios: dict, title: str):
+    """The rich table: median, IQR, ratio to each baseline, note."""
+    from rich.table import Table
+
+    table = Table(title=title, caption="÷ fp32, ÷ int8: median over PyTorch fp32's, int8's")
+    table.add_column("peer")
+    for col in ("median ms", "IQR", *(f"÷ {SHORT[b]}" for b in BASELINES)):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("note", min_width=14)
+    for peer, r in results.items():
+        if "median_ms" not in r:  # the reason is printed in full under the table
+            table.add_row(LABELS[peer], "-", "-", *("-" for _ in BASELINES),
+                          "[yellow]unavailable[/]" if "unavailable" in r else "[red]failed[/]")
+            continue
+        cells = ["1.00×" if peer == b else f"{ratios[f'{peer}/{b}']:.2f}×"
+                 if f"{peer}/{b}" in ratios else "-" for b in BASELINES]
+        table.add_row(LABELS[peer], f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}", *cells,
+                      r.get("note", ""))
+    return table
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tvmq.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="resnet18", choices=["resnet18", "resnet20"])
+    ap = argparse.ArgumentParser(prog="python -m tvmq.bench",
+                                 description=__doc__.split("\n\n")[0].strip("`"))
+    ap.add_argument("--model", default="resnet18", choices=["resnet18", "resnet20"],
+                    help="resnet18 at 1x3x224x224 or resnet20 at 1x3x32x32 (random weights)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--out", default="bench")
-    ap.add_argument("--skip", action="append", default=[], choices=PEERS)
-    ap.add_argument("--peer", help=argparse.SUPPRESS)  # internal: time one peer, print JSON
+    ap.add_argument("--out", default="bench", help="directory for bench.json and bench.png")
+    ap.add_argument("--skip", action="append", default=[], choices=list(PEERS),
+                    help="a peer not to run (repeatable)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per peer")
+    ap.add_argument("--peer", choices=list(PEERS), help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
     if args.peer:
-        print(json.dumps(run_peer(args.peer, args.model, args.threads, args.repeats)))
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(RESULT + json.dumps(PEERS[args.peer](args.model, args.repeats)), flush=True)
         return 0
 
     from rich.console import Console
-    from rich.table import Table
 
     from tvmq.training import progress
 
-    results = {}
     peers = [p for p in PEERS if p not in args.skip]
+    results = {}
     with progress() as bar:
-        task = bar.add_task(f"benchmark {args.model}", total=len(peers), info="")
+        task = bar.add_task(f"bench {args.model}", total=len(peers), info="")
         for peer in peers:
-            bar.update(task, info=LABELS[peer])
+            bar.update(task, info=f"{LABELS[peer]} (own process)")
             results[peer] = _spawn(peer, args)
             bar.advance(task)
+        bar.update(task, info="done")
 
-    def ratio(a, b):
-        ra, rb = results.get(a, {}), results.get(b, {})
-        return ra["median_ms"] / rb["median_ms"] if "median_ms" in ra and "median_ms" in rb else None
-
-    table = Table(title=f"{args.model}, batch 1, {args.threads} threads")
-    for col in ("peer", "median ms", "IQR ms", "÷ PyTorch fp32", "÷ PyTorch int8", "note"):
-        table.add_column(col, justify="left" if col in ("peer", "note") else "right")
-    for peer in peers:
-        r = results[peer]
-        if "error" in r:
-            table.add_row(LABELS[peer], "-", "-", "-", "-", f"[red]{r['error']}[/]")
-            continue
-        rf, ri = ratio(peer, "torch_fp32"), ratio(peer, "torch_int8")
-        note = r.get("layout") or r.get("engine") or (f"build {r['build_s']:.0f} s" if "build_s" in r else "")
-        table.add_row(LABELS[peer], f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}",
-                      f"{rf:.2f}×" if rf else "-", f"{ri:.2f}×" if ri else "-", note)
-    console = Console()
-    console.print(table)
+    machine = _machine(args.threads)
+    ratios = _ratios(results)
     peer, base, limit = BAR
-    value = ratio(peer, base)
-    verdict = None if value is None else value <= limit
-    console.print(f"bar: {LABELS[peer]} <= {limit}× {LABELS[base]}: "
-                  + ("not measured" if value is None else f"{value:.2f}× -> {'PASS' if verdict else 'FAIL'}"))
+    value = ratios.get(f"{peer}/{base}")
+    passed = None if value is None else value <= limit
+    title = f"{args.model}, batch 1, {args.threads} threads, {machine['cpu']} ({machine['llvm_mcpu']})"
+    console = Console()
+    console.print(_table(results, ratios, title))
+    for p, r in results.items():
+        if "median_ms" not in r:
+            console.print(f"{LABELS[p]}: {r.get('unavailable') or r.get('error')}", highlight=False)
+    verdict = ("not measured" if value is None
+               else f"{value:.2f}× -> {'[green]PASS[/]' if passed else '[red]FAIL[/]'}")
+    console.print(f"bar: {LABELS[peer]} <= {limit:g}× {LABELS[base]}: {verdict}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "threads": args.threads, "machine": _machine(),
-              "results": results,
-              "ratios": {f"{p}/{b}": ratio(p, b) for p in peers for b in ("torch_fp32", "torch_int8")
-                         if p != b},
-              "bar": {"what": f"{peer} <= {limit}x {base}", "ratio": value, "pass": verdict}}
+    report = {"model": args.model, "threads": args.threads, "machine": machine,
+              "timing": {"repeats": args.repeats, "min_repeat_ms": MIN_REPEAT_MS,
+                         "warmup": WARMUP, "statistic": "median, IQR of per-call ms"},
+              "results": results, "ratios": ratios,
+              "bar": {"what": f"{peer} <= {limit:g}x {base}", "ratio": value, "pass": passed}}
     _write_atomic(out / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2)))
-    _plot(results, f"{args.model} latency, {args.threads} threads ({report['machine']['cpu']})",
-          out / "bench.png")
+    _plot(results, title, out / "bench.png")
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return 0
 
