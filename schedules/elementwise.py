@@ -23,6 +23,21 @@ def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) ->
         return
     cores = int(target.attrs.get("num-cores", 1) or 1)
     width = int(sch.get(loops[n_spatial - 1]).extent)
+    if n_spatial == len(kinds) >= 2:
+        # elementwise: vectorize the shortest run of innermost loops that fills a vector and
+        # parallelize the rest; fusing the whole nest would make every index a div/mod chain
+        inner_n, inner = 1, int(sch.get(loops[-1]).extent)
+        while inner % REDUCE_VECTOR and inner_n < len(loops) - 1:
+            inner_n += 1
+            inner *= int(sch.get(loops[-inner_n]).extent)
+        if inner % REDUCE_VECTOR == 0:
+            tail = sch.fuse(*loops[-inner_n:]) if inner_n > 1 else loops[-1]
+            outer = sch.fuse(*loops[:-inner_n]) if len(loops) - inner_n > 1 else loops[0]
+            lanes = VECTOR if inner % VECTOR == 0 else REDUCE_VECTOR
+            sch.vectorize(sch.split(tail, [None, lanes])[1])
+            if int(sch.get(outer).extent) >= 2 * cores:
+                sch.parallel(outer)
+            return
     if n_spatial < len(kinds) and n_spatial >= 2 and width % REDUCE_VECTOR == 0:
         # a window reduction (pooling): the window loops go outside a vector of columns
         outer = sch.fuse(*loops[:n_spatial - 1]) if n_spatial > 2 else loops[0]
