@@ -48,12 +48,6 @@ def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Phases 1-2 only: the integer-only Relax module (for inspection and tests)."""
-    with target:
-        return tvm.transform.Sequential(lowering_passes(target))(mod)
-
-
 def compile_relax(mod: tvm.IRModule, target: tvm.target.Target) -> relax.Executable:
     return tvm.compile(mod, target, relax_pipeline=pipeline(target))
 

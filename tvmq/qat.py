@@ -342,11 +342,8 @@ def prepare(model: nn.Module, recipe: "str | Recipe" = "int-se") -> fx.GraphModu
     return _Preparer(model, recipe).run()
 
 
-def qat_modules(model: nn.Module, cls=nn.Module):
-    return [m for m in model.modules() if isinstance(m, cls)]
-
-
 def lock_batchnorm(model: nn.Module) -> None:
     """IOIQ's BN *lock*: freeze running statistics and fold them into conv weight/bias."""
-    for m in qat_modules(model, _QWeighted):
-        m.bn_locked = True
+    for m in model.modules():
+        if isinstance(m, _QWeighted):
+            m.bn_locked = True
