@@ -50,3 +50,39 @@ def int8(*shape, gen, lo=-128, hi=127):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+# ----------------------------------------------------------------------------- boards
+@pytest.fixture(scope="session")
+def emulated_pi():
+    """The emulated Raspberry Pi 4 (aarch64 TVM runtime under qemu) for the whole session."""
+    from deploy.boards import emulated_pi as start
+    from tvmq.default_model import cache_dir
+
+    with start(cache_dir()) as board:
+        yield board
+
+
+def run_on_board(board_address: str, module: nn.Module, *inputs: torch.Tensor,
+                 target="arm", tmp_path=None) -> torch.Tensor:
+    """torch.export -> tvmq pipeline for ``target`` -> cross-compiled library -> run on the
+    board at ``board_address`` over RPC."""
+    import tempfile
+    from pathlib import Path
+
+    from deploy import remote
+    from tvmq.compile import export_library
+
+    tgt = resolve(target)
+    ep = torch.export.export(module, tuple(inputs))
+    ex = compile_relax(import_exported_program(ep), tgt)
+    with tempfile.TemporaryDirectory(dir=tmp_path) as tmp:
+        lib = Path(tmp) / "op.so"
+        export_library(ex, tgt, str(lib))
+        board = remote.connect(board_address)
+        board.session.upload(str(lib))
+        dev = board.session.cpu()
+        vm = relax.VirtualMachine(board.session.load_module("op.so"), dev)
+        vm.set_input("main", *[tvm.runtime.tensor(x.numpy(), dev) for x in inputs])
+        vm.invoke_stateful("main")
+        return torch.from_numpy(vm.get_outputs("main").numpy())

@@ -12,3 +12,4 @@ from tvmq.api import (Artifact, Recipe, build, calibrate, convert, export, get_r
 from tvmq.errors import USER_ERRORS
 
 __version__ = "0.1.0"
+import tvmq.deploy  # noqa: E402,F401  tvmq.deploy.run

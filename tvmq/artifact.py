@@ -102,6 +102,24 @@ class Artifact:
     def library(self) -> Path:
         return self.path / LIBRARY
 
+    def verify(self) -> None:
+        """Every file the manifest lists is present and matches its checksum."""
+        sums = self.manifest.get("checksums")
+        if not sums:
+            raise ArtifactError(f"{self.path / MANIFEST} lists no checksums: rebuild the artifact")
+        for name, want in sums.items():
+            path = self.path / name
+            if not path.is_file():
+                raise ArtifactError(f"artifact {self.path} is incomplete: {name} is missing")
+            if _sha256(path) != want:
+                raise ArtifactError(f"{path} does not match the checksum in {MANIFEST}: the"
+                                    " file changed or is corrupt; rebuild the artifact")
+
+    def parity_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, PyTorch integer reference outputs) of the build's parity check."""
+        with np.load(self.path / PARITY) as data:
+            return data["inputs"], data["outputs"]
+
     def run(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Run locally (host targets only); same result as the deploy model, bit for bit."""
         if self._vm is None:

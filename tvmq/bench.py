@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from deploy.report import write_atomic
+
 LABELS = {"torch_fp32": "PyTorch fp32", "torch_int8": "PyTorch int8 (x86)",
           "tvm_fp32": "TVM fp32 untuned", "tvmq_w8a8": "tvmq W8A8 default"}
 BASELINES = ("torch_fp32", "torch_int8")
@@ -244,19 +246,6 @@ def _ratios(results: dict) -> dict:
     return {f"{p}/{b}": ok[p] / ok[b] for p in ok for b in BASELINES if b in ok and b != p}
 
 
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` into a temporary sibling of ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _plot(results: dict, title: str, path: Path) -> None:
     """Horizontal bars of the medians, whiskers from the first to the third quartile; log
     scale when the medians span a lot."""
@@ -280,7 +269,7 @@ def _plot(results: dict, title: str, path: Path) -> None:
     ax.set_xlabel("median latency, ms (lower is better)")
     ax.set_title(title, fontsize="medium")
     fig.tight_layout()
-    _write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -361,7 +350,7 @@ def main(argv=None) -> int:
                          "warmup": WARMUP, "statistic": "median, IQR of per-call ms"},
               "results": results, "ratios": ratios,
               "bar": {"what": f"{peer} <= {limit:g}x {base}", "ratio": value, "pass": passed}}
-    _write_atomic(out / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    write_atomic(out / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     _plot(results, title, out / "bench.png")
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return 0

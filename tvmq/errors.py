@@ -2,6 +2,9 @@
 them as one line (no traceback) and exit with status 2."""
 from __future__ import annotations
 
+from deploy.boards import BoardStartError
+from deploy.remote import BoardError
+from deploy.runtime_build import BoardBuildError
 from relay_passes import FloatOpError, LoweringError
 from schedules.targets import UnknownTargetError
 from tvmq.conversion import AccumulatorOverflowError
@@ -25,4 +28,5 @@ class ToolchainError(RuntimeError):
 
 USER_ERRORS = (UnsupportedOpError, AccumulatorOverflowError, ExponentRangeError,
                UnknownSchemeError, UnknownTargetError, LoweringError, FloatOpError,
-               ModelFileError, ArtifactError, ToolchainError, DatasetError)
+               ModelFileError, ArtifactError, ToolchainError, DatasetError,
+               BoardError, BoardStartError, BoardBuildError)

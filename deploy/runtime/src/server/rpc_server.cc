@@ -7,6 +7,7 @@
  * and not the server. Binds 127.0.0.1 unless --host says otherwise.
  *
  *   tvmq_rpc_server --host 127.0.0.1 --port 9190 [--tracker HOST:PORT --key rpi4]
+ *                   [--label "Raspberry Pi 4"]   (port 0: any free port, printed at start)
  */
 #include <dlfcn.h>
 #include <elf.h>
@@ -56,6 +57,7 @@ const char* MachineName(uint16_t m) {
 }
 
 std::string g_work_dir;  // the current session's directory
+std::string g_label = "board";  // what the client reports this board as (e.g. "emulated ...")
 
 void Log(const std::string& msg) { std::cerr << "[tvmq_rpc_server] " << msg << std::endl; }
 
@@ -85,7 +87,10 @@ void RegisterSessionFunctions() {
              Log("load_module " + path);
              return tvm::ffi::Module::LoadFromFile(path);
            })
-      .def("tvmq.board.machine", []() { return std::string(MachineName(kThisMachine)); });
+      .def("tvmq.board.info", []() {  // JSON: {"machine": "aarch64", "label": "board"}
+        return std::string("{\"machine\": \"") + MachineName(kThisMachine) +
+               "\", \"label\": \"" + g_label + "\"}";
+      });
 }
 
 // tracker messages: int32 length + JSON text
@@ -110,6 +115,7 @@ struct Options {
   std::string tracker;  // HOST:PORT
   std::string custom_addr;
   std::string work_root = "/tmp";
+  std::string label = "board";
 };
 
 class Tracker {
@@ -227,6 +233,7 @@ int Run(const Options& opt) {
   listener.Listen(bind_addr);
   int port = listener.LocalAddr().port();
   g_work_dir = opt.work_root;
+  g_label = opt.label;
   RegisterSessionFunctions();
   std::cout << "tvmq_rpc_server listening on " << opt.host << ":" << port
             << (opt.key.empty() ? "" : " key=" + opt.key) << std::endl;
@@ -284,10 +291,11 @@ int main(int argc, char** argv) {
     else if (a.rfind("--tracker", 0) == 0) opt.tracker = value("--tracker");
     else if (a.rfind("--custom-addr", 0) == 0) opt.custom_addr = value("--custom-addr");
     else if (a.rfind("--work-dir", 0) == 0) opt.work_root = value("--work-dir");
+    else if (a.rfind("--label", 0) == 0) opt.label = value("--label");
     else {
       std::cerr << "usage: " << argv[0]
                 << " [--host 127.0.0.1] [--port 9190] [--key KEY] [--tracker HOST:PORT]"
-                   " [--custom-addr ADDR] [--work-dir DIR]" << std::endl;
+                   " [--custom-addr ADDR] [--work-dir DIR] [--label TEXT]" << std::endl;
       return a == "--help" ? 0 : 2;
     }
   }
