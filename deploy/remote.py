@@ -80,6 +80,7 @@ class Board:
     session: rpc.RPCSession
     machine: str = "unknown"  # aarch64, x86_64
     label: str = "board"  # "emulated Raspberry Pi (...)" for the emulated one
+    features: list[str] | None = None  # CPU features (dotprod, i8mm, sve); None: unknown
 
     @property
     def emulated(self) -> bool:
@@ -95,7 +96,8 @@ class Board:
 def _describe(name: str, session: rpc.RPCSession) -> Board:
     try:  # tvmq's board server describes itself; TVM's Python server does not
         info = json.loads(session.get_function("tvmq.board.info")())
-        return Board(name, session, info.get("machine", "unknown"), info.get("label", "board"))
+        return Board(name, session, info.get("machine", "unknown"), info.get("label", "board"),
+                     info.get("features"))
     except Exception:  # noqa: BLE001  a stock TVM server: no tvmq.board.info
         return Board(name, session, "unknown", "TVM RPC server")
 
@@ -175,6 +177,19 @@ class RemoteRun:
         return statistics.median(self.times_ms)
 
 
+def check_features(board: Board, needed: list[str], built_for: str) -> None:
+    """Refuse, before running, a library compiled for CPU features the board lacks (it would
+    die on an illegal instruction): e.g. an rpi5 (+dotprod) build on a Pi 4."""
+    if board.features is None:
+        return  # a stock TVM server does not say
+    missing = [f for f in needed if f not in board.features]
+    if missing:
+        raise BoardError(
+            f"{built_for} needs CPU feature(s) {', '.join(missing)} that board {board.name}"
+            f" lacks (it has: {', '.join(board.features) or 'none'}): build for the board's"
+            " target (a Raspberry Pi 4 is --target arm)")
+
+
 def run(board: Board, library: str | Path, inputs: list[np.ndarray], *, repeat: int = 10,
         number: int = 0, min_repeat_ms: float = 200, warmup: int = 3) -> RemoteRun:
     """Upload and load ``library`` (a Relax VM executable), run it on each input, then time
@@ -207,4 +222,8 @@ def run(board: Board, library: str | Path, inputs: list[np.ndarray], *, repeat: 
     except BoardError:
         raise
     except Exception as err:  # noqa: BLE001  a dead board surfaces as a socket/TVM error
-        raise BoardError(f"board {board.name} failed during {stage}: {_last_line(err)}") from None
+        why = _last_line(err)
+        if "kShutdown" in why or "closed" in why.lower() or "Socket" in why:
+            why = ("the board closed the session (its process died: a crash, an illegal"
+                   " instruction, or it was stopped; see the board's log)")
+        raise BoardError(f"board {board.name} failed during {stage}: {why}") from None

@@ -108,12 +108,25 @@ def test_x86_library_on_the_aarch64_board(artifacts, emulated_pi):
                                  min_repeat_ms=20, write=False), "aarch64", emulated=True)
 
 
+def test_rpi5_build_refused_by_a_pi4(artifacts, emulated_pi, tmp_path):
+    from tvmq.default_model import default_program
+    ep, _ = default_program(quiet=True)
+    rpi5 = tvmq.build(ep, target="rpi5", out=tmp_path / "digits-rpi5", parity=4).path
+    with pytest.raises(BoardError, match="needs CPU feature.*dotprod.*--target arm"):
+        tvmq.deploy.run(rpi5, rpc=emulated_pi.address, write=False)
+    # on a Pi 5 (emulated Cortex-A76, which has dotprod) it runs, bit-exact
+    with boards.emulated_pi(_cache(), target="rpi5") as pi5:
+        report = tvmq.deploy.run(rpi5, rpc=pi5.address, repeat=2, min_repeat_ms=10, write=False)
+    assert report["boards"][0]["parity"]["mismatches"] == 0
+
+
 def test_board_dies_mid_run(artifacts):
     with boards.emulated_pi(_cache()) as pi:
         board = remote.connect(pi.address)
         pi.stop()  # the board goes away with the session open
         start = time.monotonic()
-        with pytest.raises(BoardError, match=f"board {pi.address} failed during upload"):
+        with pytest.raises(BoardError, match=f"board {pi.address} failed during upload: the"
+                                             " board closed the session"):
             remote.run(board, artifacts["arm"] / "model.so", [])
         assert time.monotonic() - start < 60
 

@@ -23,6 +23,8 @@ from tvmq.artifact import Artifact
 
 __all__ = ["run", "BoardError"]
 
+OPTIONAL_FEATURES = ("dotprod", "i8mm", "sve")  # beyond a Pi 4's Cortex-A72 (NEON)
+
 
 def _row(board: remote.Board, result: remote.RemoteRun, want: np.ndarray) -> dict:
     got = np.stack(result.outputs)
@@ -56,9 +58,13 @@ def run(artifact: str | Path | Artifact, *, rpc: str | None = None, tracker: str
     say(f"connecting to {rpc or f'{key} boards via tracker {tracker}'}")
     sessions = ([remote.connect(rpc, session_timeout)] if rpc else
                 remote.request(tracker, key, boards, session_timeout))
+    target = art.manifest["target"]
+    needed = [a.lstrip("+") for a in target["tvm"].get("mattr", [])
+              if a.lstrip("+") in OPTIONAL_FEATURES]
     rows = []
     try:
         for board in sessions:
+            remote.check_features(board, needed, f"{art.path} (target {target['name']})")
             say(f"{board.name}: upload, run {len(xs)} parity inputs, time")
             result = remote.run(board, art.library, list(xs), repeat=repeat, number=number,
                                 min_repeat_ms=min_repeat_ms, warmup=warmup)

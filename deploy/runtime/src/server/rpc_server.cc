@@ -12,6 +12,7 @@
 #include <dlfcn.h>
 #include <elf.h>
 #include <signal.h>
+#include <sys/auxv.h>
 #include <sys/select.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -75,6 +76,22 @@ void CheckLibraryArch(const std::string& path) {
   }
 }
 
+/*! \brief The optional CPU features a model may be compiled for, as the kernel reports them
+ * (under qemu-user: the emulated CPU's), in LLVM's names. */
+std::string CpuFeatures() {
+  std::string features = "[";
+#if defined(__aarch64__)
+  unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+  const std::pair<bool, const char*> known[] = {
+      {(hw & (1UL << 1)) != 0, "neon"}, {(hw & (1UL << 20)) != 0, "dotprod"},
+      {(hw & (1UL << 22)) != 0, "sve"}, {(hw2 & (1UL << 13)) != 0, "i8mm"}};
+  for (const auto& [present, name] : known) {
+    if (present) features += std::string(features.size() > 1 ? ", " : "") + "\"" + name + "\"";
+  }
+#endif
+  return features + "]";
+}
+
 void RegisterSessionFunctions() {
   namespace refl = tvm::ffi::reflection;
   refl::GlobalDef()
@@ -87,9 +104,9 @@ void RegisterSessionFunctions() {
              Log("load_module " + path);
              return tvm::ffi::Module::LoadFromFile(path);
            })
-      .def("tvmq.board.info", []() {  // JSON: {"machine": "aarch64", "label": "board"}
+      .def("tvmq.board.info", []() {  // JSON: {"machine", "label", "features"}
         return std::string("{\"machine\": \"") + MachineName(kThisMachine) +
-               "\", \"label\": \"" + g_label + "\"}";
+               "\", \"label\": \"" + g_label + "\", \"features\": " + CpuFeatures() + "}";
       });
 }
 
