@@ -9,7 +9,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from schedules.elementwise import SCHEDULED, schedule_loop_nest
+from schedules.elementwise import SCHEDULED, is_scheduled, schedule_loop_nest
 from schedules.intrinsics import DOT_8X2_AVX2
 from schedules.targets import has_feature
 
@@ -24,16 +24,30 @@ def register_tile(out_blocks: int, width: int) -> tuple[int, int]:
     return 1, max(t for t in range(1, 9) if width % t == 0)
 
 
-def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target) -> None:
+def register_tiles(out_blocks: int, width: int) -> list[tuple[int, int]]:
+    """Every register tile that fits: the candidates tuning measures (the default is one)."""
+    return [(b, c) for b in (1, 2) if out_blocks % b == 0
+            for c in range(1, 9) if width % c == 0 and b * c <= 12]
+
+
+def conv_loop_extents(sch: s_tir.Schedule, conv) -> tuple[int, int]:
+    """(output-channel blocks, output width) of the conv block."""
+    _n, ob, _y, x, *_ = sch.get_loops(conv)
+    return int(sch.get(ob).extent), int(sch.get(x).extent)
+
+
+def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
+                        tile: tuple[int, int] | None = None) -> None:
     """Register-tiled, parallel, tensorized schedule of ``tvmq_conv_acc`` (channel pairs),
-    with its requantize epilogue on the register tile and parallel data (un)packing."""
+    with its requantize epilogue on the register tile and parallel data (un)packing.
+    ``tile`` = (output-channel blocks, columns) overrides ``register_tile`` (tuning)."""
     blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
     if "tvmq_dense_as_image" in blocks:  # dense = 1x1 conv: its reshapes are free
         sch.compute_inline(blocks["tvmq_dense_as_image"])
         sch.reverse_compute_inline(blocks["tvmq_dense_out"])
     requant = sch.get_sblock("tvmq_conv_requant")
     n, ob, y, x, oi, ry, rx, rc, rj = sch.get_loops(conv)
-    ob_tile, x_tile = register_tile(int(sch.get(ob).extent), int(sch.get(x).extent))
+    ob_tile, x_tile = tile or register_tile(int(sch.get(ob).extent), int(sch.get(x).extent))
     obo, obi = sch.split(ob, [None, ob_tile])
     xo, xi = sch.split(x, [None, x_tile])
     sch.reorder(n, obo, y, xo, ry, rx, rc, obi, xi, oi, rj)
@@ -65,7 +79,7 @@ RULES = {"tvmq_qconv2d_pairs": schedule_conv_pairs}
 def apply_default_schedules(mod: tvm.IRModule, target) -> tvm.IRModule:
     """Schedule every PrimFunc of ``mod`` whose block carries a known ``schedule_rule``."""
     for gv, func in list(mod.functions_items()):
-        if not isinstance(func, tirx.PrimFunc) or (func.attrs or {}).get(SCHEDULED, False):
+        if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
             continue
         sch = s_tir.Schedule(func)
         ruled = [(b, str(sch.get(b).annotations["schedule_rule"]))

@@ -7,6 +7,13 @@ import tvm
 from tvm import s_tir, tirx
 
 SCHEDULED = "tir.is_scheduled"
+TUNED = "tirx.is_scheduled"  # what MetaSchedule marks a function it scheduled from a database
+
+
+def is_scheduled(func) -> bool:
+    """Scheduled already: by a default schedule or from a tuning database."""
+    attrs = func.attrs or {}
+    return bool(attrs.get(SCHEDULED, False) or attrs.get(TUNED, False))
 VECTOR = 16  # int8/int32 lanes per chunk: a multiple of the NEON and AVX2 widths
 REDUCE_VECTOR = 8  # output columns computed together by a pooling window loop
 
@@ -72,6 +79,6 @@ def schedule_memory_bound(func: tirx.PrimFunc, target: tvm.target.Target) -> tir
 def apply_memory_bound_schedules(mod: tvm.IRModule, target) -> tvm.IRModule:
     """Schedule every PrimFunc of ``mod`` not scheduled yet with :func:`schedule_memory_bound`."""
     for gv, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc) and not (func.attrs or {}).get(SCHEDULED, False):
+        if isinstance(func, tirx.PrimFunc) and not is_scheduled(func):
             mod[gv] = schedule_memory_bound(func, target)
     return mod

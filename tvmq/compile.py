@@ -13,6 +13,7 @@ from relay_passes import legalize_passes, lowering_passes
 from schedules.default import apply_default_schedules
 from schedules.elementwise import apply_memory_bound_schedules
 from schedules.targets import AARCH64_TRIPLE, is_host
+from schedules.tuning import apply_database
 from tvmq.errors import ToolchainError
 
 CROSS_CXX = f"{AARCH64_TRIPLE}-g++"
@@ -30,16 +31,37 @@ class ApplyDefaultSchedules:
         return apply_memory_bound_schedules(mod, self.target)  # everything else
 
 
-def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def graph_passes(target: tvm.target.Target) -> list:
+    """Phases 1-2: what tuning extracts its tasks from, and phase 3 schedules."""
+    return [*lowering_passes(target), *legalize_passes(target)]
+
+
+def lower_graph(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    with target:
+        return tvm.transform.Sequential(graph_passes(target))(mod)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ApplyTuningDatabase")
+class ApplyTuningDatabase:
+    """Phase 3a: the best tuned schedule of every kernel the database holds."""
+
+    def __init__(self, target, database):
+        self.target, self.database = target, database
+
+    def transform_module(self, mod, _ctx):
+        return apply_database(mod, self.target, self.database)
+
+
+def pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="tvmq")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             return tvm.transform.Sequential([
                 # Phase 1. tvmq composites -> integer kernels; verify integer only
-                *lowering_passes(target),
                 # Phase 2. TVM legalization and fusion of what remains
-                *legalize_passes(target),
-                # Phase 3. default schedules (tuning databases apply here too)
+                *graph_passes(target),
+                # Phase 3. tuned schedules from the database, default schedules for the rest
+                *([ApplyTuningDatabase(target, database)] if database is not None else []),
                 ApplyDefaultSchedules(target),
                 # Phase 4. TVM's CPU lowering to the VM
                 *cpu_generic.dataflow_lower_passes(target),
@@ -48,8 +70,10 @@ def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def compile_relax(mod: tvm.IRModule, target: tvm.target.Target) -> relax.Executable:
-    return tvm.compile(mod, target, relax_pipeline=pipeline(target))
+def compile_relax(mod: tvm.IRModule, target: tvm.target.Target,
+                  database=None) -> relax.Executable:
+    """Compile with tvmq's pipeline; ``database``: a tuning database (schedules.tuning)."""
+    return tvm.compile(mod, target, relax_pipeline=pipeline(target, database))
 
 
 def export_library(ex: relax.Executable, target: tvm.target.Target, path: str) -> None:

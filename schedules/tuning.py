@@ -1,0 +1,250 @@
+"""MetaSchedule tuning of tvmq's integer kernels, and the tuning database.
+
+The search space of a tvmq kernel is its default schedule with the free choices left open:
+the schedule rule ``tvmq_qconv2d_pairs`` is registered with MetaSchedule
+(``s_tir.meta_schedule.<target key>.<rule>``, called for blocks carrying that rule) and
+returns one design space per register tile that fits (output-channel blocks x columns); the
+evolutionary search, guided by the XGBoost cost model, measures them on the target (locally, or
+on a board over RPC). The default tile is one of the candidates, so a tuned kernel is never
+slower than the default as measured.
+
+A database directory holds MetaSchedule's JSON database (``database_workload.json``,
+``database_tuning_record.json``) and ``tvmq.json`` naming the target it was tuned for.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import tvm
+from tvm import s_tir
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from schedules.default import RULES, conv_loop_extents, register_tiles, schedule_conv_pairs
+from schedules.targets import host_target
+
+DB_META = "tvmq.json"
+DB_FILES = ("database_workload.json", "database_tuning_record.json")
+CONV_RULE = "tvmq_qconv2d_pairs"
+
+
+class TuningDatabaseError(ValueError):
+    """A tuning database that is missing, corrupt, or tuned for another target."""
+
+
+# ----------------------------------------------------------------------------- search space
+def _conv_spaces(target_of_key):
+    def rule(sch: s_tir.Schedule, block) -> list[s_tir.Schedule]:
+        target = target_of_key()
+        spaces = []
+        for tile in register_tiles(*conv_loop_extents(sch, block)):
+            space = sch.copy()
+            schedule_conv_pairs(space, block, target, tile=tile)
+            spaces.append(space)
+        return spaces
+    return rule
+
+
+def _x86_target():
+    return tvm.target.Target.current(allow_none=True) or host_target()
+
+
+def _arm_target():
+    current = tvm.target.Target.current(allow_none=True)
+    return current if current is not None and "arm_cpu" in current.keys else tvm.target.Target(
+        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72",
+         "mattr": ["+neon"], "num-cores": 4})
+
+
+def register_rules() -> None:
+    """Make MetaSchedule call tvmq's conv space for blocks tagged ``tvmq_qconv2d_pairs``.
+    Idempotent; also run in MetaSchedule's builder worker processes."""
+    for key, target_of in (("cpu", _x86_target), ("arm_cpu", _arm_target)):
+        tvm.register_global_func(f"s_tir.meta_schedule.{key}.{CONV_RULE}",
+                                 _conv_spaces(target_of), override=True)
+
+
+register_rules()
+
+
+# ----------------------------------------------------------------------------- tasks
+def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target) -> list:
+    """The tunable kernels of a module after tvmq's phases 1-2 (lowered, legalized): every
+    PrimFunc with a block whose ``schedule_rule`` tvmq knows. Identical kernels are one task
+    whose weight counts them."""
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    return [t for t in tasks if _has_rule(t.dispatched[0]["main"])]
+
+
+def _has_rule(func) -> bool:
+    sch = s_tir.Schedule(func)
+    return any(str(sch.get(b).annotations.get("schedule_rule", "")) in RULES
+               for b in sch.get_child_blocks(sch.get_sblock("root")))
+
+
+# ----------------------------------------------------------------------------- database
+def target_record(target: tvm.target.Target) -> dict:
+    t = json.loads(str(target))
+    return {k: t.get(k) for k in ("kind", "mtriple", "mcpu", "mattr")}
+
+
+def open_database(db_dir: str | Path, target: tvm.target.Target, create: bool = False):
+    """The JSON database in ``db_dir``, checked: present and parseable, tuned for ``target``."""
+    db_dir = Path(db_dir)
+    meta_path = db_dir / DB_META
+    if create and not meta_path.exists():
+        db_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"target": target_record(target), "tvm_version": tvm.__version__}
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, meta_path)
+    if not meta_path.is_file():
+        raise TuningDatabaseError(f"{db_dir} is not a tvmq tuning database: {DB_META} is"
+                                  " missing (create one with python -m tvmq.tune)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        tuned_for = meta["target"]
+    except (ValueError, KeyError) as err:
+        raise TuningDatabaseError(f"{meta_path} is corrupt: {err}") from None
+    if tuned_for != target_record(target):
+        raise TuningDatabaseError(
+            f"{db_dir} was tuned for {_describe(tuned_for)}, not for {_describe(target_record(target))}:"
+            " tune for this target (python -m tvmq.tune --target ...) or pass the matching --db")
+    for name in DB_FILES:
+        path = db_dir / name
+        if not path.exists():
+            if create:
+                path.touch()
+                continue
+            raise TuningDatabaseError(f"{path} is missing: the database is incomplete")
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                json.loads(line)
+            except ValueError:
+                raise TuningDatabaseError(f"{path}, line {number}, is not JSON: the database is"
+                                          " corrupt (truncated by an interrupted write?)") from None
+    try:
+        return ms.database.JSONDatabase(work_dir=str(db_dir), allow_missing=False)
+    except Exception as err:  # noqa: BLE001  TVM's parser: a record that is JSON but not valid
+        raise TuningDatabaseError(f"{db_dir} is corrupt: {str(err).strip().splitlines()[-1]}") from None
+
+
+def _describe(rec: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in rec.items() if v)
+
+
+def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database) -> tvm.IRModule:
+    """Schedule every kernel the database holds a record for (its best); mark them scheduled."""
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or not _has_rule(func):
+            continue
+        # tasks are keyed as extract_tasks made them: a module {"main": func named "main"}
+        task = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        sch = database.query_schedule(task, target, workload_name="main")
+        if sch is not None:
+            tuned = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            mod[gv] = tuned.without_attr("global_symbol") if "global_symbol" not in (
+                func.attrs or {}) else tuned.with_attr("global_symbol", func.attrs["global_symbol"])
+    return mod
+
+
+# ----------------------------------------------------------------------------- tuning
+def _builder(target: tvm.target.Target, timeout: float):
+    if "aarch64" in str(target.attrs.get("mtriple", "")):
+        return ms.builder.LocalBuilder(f_export="tvmq.tuning.export_aarch64",
+                                       initializer=_worker_init, timeout_sec=timeout)
+    return ms.builder.LocalBuilder(initializer=_worker_init, timeout_sec=timeout)
+
+
+def _worker_init():
+    """Builder workers are fresh processes: give them tvmq's registrations."""
+    import schedules.tuning  # noqa: F401  registers the rule and the exporter
+
+
+@tvm.register_global_func("tvmq.tuning.export_aarch64", override=True)
+def _export_aarch64(mod) -> str:
+    """A board loads a shared library: cross-compile it here (not a .tar it must link)."""
+    from tvm.support import cc, utils
+
+    path = os.path.join(utils.tempdir(keep_for_debug=True).temp_dir, "tuned.so")
+    mod.export_library(path, fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+    return path
+
+
+def runner_for(rpc: str | None = None, tracker: str | None = None, key: str | None = None,
+               timeout: float = 60):
+    """Local measurement, or on a board: a server (``rpc``) or the boards of a tracker key."""
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=50,
+                                          enable_cpu_cache_flush=False)
+    if tracker:
+        host, port = tracker.rsplit(":", 1)
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
+                                     session_timeout_sec=int(timeout) * 4)
+        return ms.runner.RPCRunner(config, evaluator, max_workers=1)
+    if rpc:
+        raise ValueError("MetaSchedule measures on boards through a tracker: start one"
+                         " (python -m tvm.exec.rpc_tracker --host 127.0.0.1) and register the"
+                         " board with it, then pass --tracker HOST:PORT --key KEY")
+    return ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator)
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """Reports (task name, trials so far, best latency so far) after each measured batch."""
+
+    def __init__(self, names, report):
+        self.names, self.report = names, report
+        self.trials = [0] * len(names)
+        self.best = [float("inf")] * len(names)
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        for result in runner_results:
+            self.trials[task_id] += 1
+            if result.error_msg is None and result.run_secs:
+                ms_ = 1e3 * sum(float(s) for s in result.run_secs) / len(result.run_secs)
+                self.best[task_id] = min(self.best[task_id], ms_)
+        self.report(self.names[task_id], sum(self.trials), self.best[task_id])
+
+
+def tune(tasks: list, target: tvm.target.Target, db_dir: str | Path, trials: int, *,
+         runner=None, timeout: float = 120, progress=None) -> dict:
+    """Tune ``tasks`` (``extract_tasks``) for up to ``trials`` new measurements in total,
+    adding to the database in ``db_dir`` (created if needed: rerun to resume). Returns a
+    summary: per task, its best latency in the database."""
+    database = open_database(db_dir, target, create=True)
+    contexts, weights = [], []
+    for task in tasks:
+        contexts.append(ms.TuneContext(
+            mod=task.dispatched[0], target=target,
+            space_generator=ms.space_generator.PostOrderApply(
+                sch_rules=[ms.schedule_rule.ApplyCustomRule()], postprocs=[], mutator_probs={}),
+            search_strategy=ms.search_strategy.EvolutionarySearch(),
+            task_name=task.task_name, num_threads=os.cpu_count() or 2))
+        weights.append(float(task.weight))
+    start = time.perf_counter()
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default")]
+    if progress is not None:
+        callbacks.append(_Progress([t.task_name for t in tasks], progress))
+    with target:
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(db_dir),
+                      max_trials_global=trials, max_trials_per_task=trials,
+                      num_trials_per_iter=16, builder=_builder(target, timeout),
+                      runner=runner or runner_for(timeout=timeout), database=database,
+                      measure_callbacks=callbacks, cost_model="xgb")
+    return {"seconds": round(time.perf_counter() - start, 1), "tasks": [
+        {"name": t.task_name, "weight": int(t.weight), "best_ms": _best_ms(database, t, target)}
+        for t in tasks]}
+
+
+def _best_ms(database, task, target) -> float | None:
+    records = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
+    if not records or not records[0].run_secs:
+        return None
+    return 1e3 * sum(float(s) for s in records[0].run_secs) / len(records[0].run_secs)
+
+
+__all__ = ["TuningDatabaseError", "apply_database", "extract_tasks", "open_database",
+           "register_rules", "runner_for", "tune"]
