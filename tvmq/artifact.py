@@ -24,6 +24,7 @@ from tvm import relax
 
 from schedules.targets import is_host, resolve
 from tvmq import frontend
+from schedules.tuning import open_database
 from tvmq.compile import compile_relax, export_library
 from tvmq.errors import ArtifactError, ModelFileError
 
@@ -150,13 +151,14 @@ def parity_inputs(example: torch.Tensor, count: int, inputs=None, seed: int = 0)
 
 def build(model, example: torch.Tensor | None = None, target="x86", out: str | Path = "build",
           *, name: str | None = None, parity: int = 64, parity_data=None,
-          accuracy_data=None, extra: dict | None = None) -> Artifact:
+          accuracy_data=None, extra: dict | None = None, db: str | Path | None = None) -> Artifact:
     """Compile a deploy model (or an ExportedProgram, or a ``.pt2`` path) for ``target``.
 
     The graph is also built for this machine and run on ``parity`` inputs against the
     PyTorch integer reference; the counts go into the manifest. With ``accuracy_data``
     (images, labels) the compiled graph's top-1 accuracy is measured too. ``extra`` is
-    merged into the manifest.
+    merged into the manifest. ``db``: a tuning database directory (``tvmq.tune``) for
+    ``target``; its kernels replace the default schedules.
     """
     start = time.perf_counter()
     tgt = resolve(target)
@@ -174,7 +176,8 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
     example = example if example is not None else ep.example_inputs[0][0]
 
     mod = frontend.import_exported_program(ep)
-    ex = compile_relax(mod, tgt)
+    database = open_database(db, tgt) if db is not None else None
+    ex = compile_relax(mod, tgt, database)
     host_ex = ex if is_host(tgt) else compile_relax(mod, resolve("x86"))
 
     reference = ep.module()
@@ -218,6 +221,7 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
             "sizes": {"library_bytes": (tmp / LIBRARY).stat().st_size,
                       "int_weight_bytes": weights, "float_weight_bytes": 4 * weights},
             "build_seconds": round(time.perf_counter() - start, 2),
+            "tuning_db": str(db) if db is not None else None,
             **extra,
         }
         manifest["checksums"] = {f: _sha256(tmp / f) for f in (LIBRARY, PARITY)}

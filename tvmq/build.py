@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help="zoo models: calibrate and check parity on a local dataset"
                     " (resnet20: CIFAR-10 python batches; resnet18: an ImageNet-style folder)")
     ap.add_argument("--quiet", action="store_true", help="no training progress bars")
+    ap.add_argument("--db", help="a tuning database (python -m tvmq.tune) for this target")
     args = ap.parse_args(argv)
     try:
         if args.target not in TARGETS:
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
         out = args.out or f"build/{name}-{args.target}"
         with console.status(f"compiling {name} for {args.target}"):
             art = build(ep, target=args.target, out=out, name=name, parity=args.parity,
-                        parity_data=parity_data, accuracy_data=accuracy_data, extra=extra)
+                        parity_data=parity_data, accuracy_data=accuracy_data, extra=extra,
+                        db=args.db)
     except USER_ERRORS as err:
         console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         return 2

@@ -7,6 +7,7 @@ from deploy.remote import BoardError
 from deploy.runtime_build import BoardBuildError
 from relay_passes import FloatOpError, LoweringError
 from schedules.targets import UnknownTargetError
+from schedules.tuning import TuningDatabaseError
 from tvmq.conversion import AccumulatorOverflowError
 from tvmq.data import DatasetError
 from tvmq.qat import UnsupportedOpError
@@ -29,4 +30,4 @@ class ToolchainError(RuntimeError):
 USER_ERRORS = (UnsupportedOpError, AccumulatorOverflowError, ExponentRangeError,
                UnknownSchemeError, UnknownTargetError, LoweringError, FloatOpError,
                ModelFileError, ArtifactError, ToolchainError, DatasetError,
-               BoardError, BoardStartError, BoardBuildError)
+               BoardError, BoardStartError, BoardBuildError, TuningDatabaseError)

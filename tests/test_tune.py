@@ -1,0 +1,79 @@
+"""tvmq.tune: MetaSchedule tunes a kernel into a database that resumes, that tvmq.build
+applies (still bit-exact), and that is refused with a clear error when corrupt or foreign."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tvmq
+from schedules.tuning import TuningDatabaseError, open_database
+from schedules.targets import resolve
+from tvmq.build import zoo_program
+from tvmq.tune import tune
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def program():
+    return zoo_program("resnet20", "int-se", None)
+
+
+@pytest.fixture(scope="module")
+def db(program, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tune") / "db"
+    summary = tune(program, "x86", path, trials=4, max_tasks=1)
+    assert len(summary["tasks"]) == 1 and summary["tasks"][0]["best_ms"] > 0
+    return path
+
+
+def records(db):
+    return len((db / "database_tuning_record.json").read_text().splitlines())
+
+
+def test_tuned_build_is_bit_exact(program, db, tmp_path):
+    art = tvmq.build(program, target="x86", out=tmp_path / "tuned", parity=4, db=db)
+    assert art.manifest["parity"]["mismatches"] == 0
+    assert art.manifest["tuning_db"] == str(db)
+    assert json.loads((db / "tvmq.json").read_text())["target"]["kind"] == "llvm"
+
+
+def test_rerun_resumes(program, db):
+    before = records(db)
+    tune(program, "x86", db, trials=2, max_tasks=2)
+    assert records(db) > before  # added to, not restarted
+
+
+def test_corrupt_database(db, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in db.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    rec = bad / "database_tuning_record.json"
+    rec.write_text(rec.read_text()[:-40])  # an interrupted write
+    with pytest.raises(TuningDatabaseError, match="database_tuning_record.json, line .* is not JSON"):
+        open_database(bad, resolve("x86"))
+    (bad / "tvmq.json").unlink()
+    with pytest.raises(TuningDatabaseError, match="not a tvmq tuning database"):
+        open_database(bad, resolve("x86"))
+
+
+def test_database_of_another_target(program, db, tmp_path):
+    with pytest.raises(TuningDatabaseError, match="was tuned for .*x86|was tuned for kind=llvm"):
+        tvmq.build(program, target="arm", out=tmp_path / "arm", parity=1, db=db)
+    assert not (tmp_path / "arm").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "tvmq.build", "resnet20", "--db",
+                           str(tmp_path / "nothing"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    assert "not a tvmq tuning database" in proc.stderr and "Traceback" not in proc.stderr
