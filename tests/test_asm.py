@@ -1,0 +1,48 @@
+"""The conv kernel uses the CPU's integer multiply-accumulate instruction for its target, read
+from the generated assembly: AVX2 ``vpmaddwd`` on x86 (this host), NEON ``smlal`` on the Pi 4
+(aarch64, cross-compiled: no board needed to read its code)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from schedules.targets import has_feature, resolve
+from tests.conftest import OpModule, int8
+from tvmq.compile import compile_relax
+from tvmq.frontend import import_exported_program
+
+ops = torch.ops.tvmq
+
+
+def conv_assembly(target) -> str:
+    gen = torch.Generator().manual_seed(0)
+    x, w = int8(1, 16, 8, 8, gen=gen), int8(16, 16, 3, 3, gen=gen)
+    b = torch.zeros(16, dtype=torch.int32)
+    m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1, 2, 7,
+                                             False, 8), w, b)
+    ex = compile_relax(import_exported_program(torch.export.export(m, (x,))), resolve(target))
+    (lib,) = [lib for lib in ex.mod.imports if lib.kind == "llvm"] or ex.mod.imports[:1]
+    return lib.inspect_source("s")
+
+
+def conv_body(asm: str) -> str:
+    """The assembly of the conv kernel: from its global label to the next global label (its
+    parallel bodies are local labels in between)."""
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r"^([A-Za-z_][\w.$]*):", asm, re.M)]
+    bounds = zip(starts, starts[1:] + [(len(asm), "")])
+    body = "\n".join(asm[a:b] for (a, name), (b, _) in bounds if "qconv2d" in name)
+    assert body, "no qconv2d function in the assembly"
+    return body
+
+
+@pytest.mark.skipif(not has_feature(resolve("x86"), "avx2"), reason="this host has no AVX2")
+def test_x86_conv_uses_vpmaddwd():
+    assert "vpmaddwd" in conv_body(conv_assembly("x86"))
+
+
+def test_pi4_conv_uses_neon_smlal():
+    body = conv_body(conv_assembly("arm"))
+    assert re.search(r"\bsmlal2?\b", body), "no NEON widening multiply-accumulate"
+    assert "sdot" not in body  # a Pi 4's Cortex-A72 has no dot product instructions
