@@ -199,10 +199,14 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.names, self.report = names, report
         self.trials = [0] * len(names)
         self.best = [float("inf")] * len(names)
+        self.errors: list[str] = []  # the first few build/run errors, to report
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-        for result in runner_results:
+        for built, result in zip(builder_results, runner_results):
             self.trials[task_id] += 1
+            error = built.error_msg or result.error_msg
+            if error and len(self.errors) < 3:
+                self.errors.append(f"{self.names[task_id]}: {error.strip()[-800:]}")
             if result.error_msg is None and result.run_secs:
                 ms_ = 1e3 * sum(float(s) for s in result.run_secs) / len(result.run_secs)
                 self.best[task_id] = min(self.best[task_id], ms_)
@@ -226,15 +230,16 @@ def tune(tasks: list, target: tvm.target.Target, db_dir: str | Path, trials: int
         weights.append(float(task.weight))
     start = time.perf_counter()
     callbacks = [*ms.measure_callback.MeasureCallback.create("default")]
-    if progress is not None:
-        callbacks.append(_Progress([t.task_name for t in tasks], progress))
+    monitor = _Progress([t.task_name for t in tasks], progress or (lambda *_: None))
+    callbacks.append(monitor)
     with target:
         ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(db_dir),
                       max_trials_global=trials, max_trials_per_task=trials,
                       num_trials_per_iter=16, builder=_builder(target, timeout),
                       runner=runner or runner_for(timeout=timeout), database=database,
                       measure_callbacks=callbacks, cost_model="xgb")
-    return {"seconds": round(time.perf_counter() - start, 1), "tasks": [
+    return {"seconds": round(time.perf_counter() - start, 1), "errors": list(monitor.errors),
+            "tasks": [
         {"name": t.task_name, "weight": int(t.weight), "best_ms": _best_ms(database, t, target)}
         for t in tasks]}
 

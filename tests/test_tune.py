@@ -77,3 +77,25 @@ def test_cli_errors_are_one_line(tmp_path):
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 2, proc.stderr
     assert "not a tvmq tuning database" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tune_on_the_emulated_pi_over_a_tracker(program, tmp_path):
+    """The whole loop for a board: MetaSchedule builds aarch64 libraries here, measures them on
+    the emulated Pi through a tracker (timings emulated), and the tuned arm build deployed to
+    that board is bit-exact."""
+    from deploy import boards
+    from tvmq.default_model import cache_dir
+
+    db = tmp_path / "db-arm"
+    with boards.tracker() as trk, \
+            boards.emulated_pi(cache_dir(), tracker=trk.address, key="rpi4-tune") as pi:
+        from tests.test_deploy import _wait_free
+        _wait_free(trk.address, "rpi4-tune", 1)
+        summary = tune(program, "arm", db, trials=2, max_tasks=1, tracker=trk.address,
+                       key="rpi4-tune")
+        assert summary["errors"] == [] and summary["tasks"][0]["best_ms"] > 0
+        art = tvmq.build(program, target="arm", out=tmp_path / "arm", parity=2, db=db)
+        _wait_free(trk.address, "rpi4-tune", 1)
+        report = tvmq.deploy.run(art, rpc=None, tracker=trk.address, key="rpi4-tune",
+                                 repeat=2, min_repeat_ms=10, write=False)
+    assert report["boards"][0]["parity"]["mismatches"] == 0

@@ -26,7 +26,8 @@ from pathlib import Path
 from deploy.report import write_atomic
 
 LABELS = {"torch_fp32": "PyTorch fp32", "torch_int8": "PyTorch int8 (x86)",
-          "tvm_fp32": "TVM fp32 untuned", "tvmq_w8a8": "tvmq W8A8 default"}
+          "tvm_fp32": "TVM fp32 untuned", "tvmq_w8a8": "tvmq W8A8 default",
+          "tvmq_w8a8_tuned": "tvmq W8A8 tuned"}
 BASELINES = ("torch_fp32", "torch_int8")
 SHORT = {"torch_fp32": "fp32", "torch_int8": "int8"}  # table headers
 BAR = ("tvmq_w8a8", "torch_fp32", 2.0)  # the project's bar: tvmq W8A8 <= 2x PyTorch fp32
@@ -179,9 +180,9 @@ def tvm_fp32(model: str, repeats: int) -> dict:
     return {**_time_vm(lib, x, repeats), "build_s": build_s, "note": f"build {build_s:.0f} s"}
 
 
-def tvmq_w8a8(model: str, repeats: int) -> dict:
-    """tvmq INT-SE W8A8, default schedules: the CLI's path for a zoo model (``zoo_program``
-    then ``tvmq.build``), the library loaded back from ``model.so``."""
+def tvmq_w8a8(model: str, repeats: int, db: str | None = None) -> dict:
+    """tvmq INT-SE W8A8, default schedules (or ``db``'s tuned ones): the CLI's path for a zoo
+    model (``zoo_program`` then ``tvmq.build``), the library loaded back from ``model.so``."""
     import tvm
 
     import tvmq
@@ -191,7 +192,7 @@ def tvmq_w8a8(model: str, repeats: int) -> dict:
     t = time.perf_counter()
     ep = zoo_program(model, "int-se")
     with tempfile.TemporaryDirectory() as tmp:
-        art = tvmq.build(ep, target="x86", out=Path(tmp) / model, parity=PARITY_INPUTS)
+        art = tvmq.build(ep, target="x86", out=Path(tmp) / model, parity=PARITY_INPUTS, db=db)
         build_s = time.perf_counter() - t
         lib = tvm.runtime.load_module(str(art.path / "model.so"))
         mismatches = art.manifest["parity"]["mismatches"]
@@ -200,7 +201,21 @@ def tvmq_w8a8(model: str, repeats: int) -> dict:
                 "note": f"build {build_s:.0f} s, parity {'ok' if not mismatches else 'MISMATCH'}"}
 
 
-PEERS = {fn.__name__: fn for fn in (torch_fp32, torch_int8, tvm_fp32, tvmq_w8a8)}
+def tvmq_w8a8_tuned(model: str, repeats: int, db: str | None = None) -> dict:
+    """tvmq W8A8 with the kernels of a MetaSchedule database (``python -m tvmq.tune``)."""
+    db = db or f"tuning/{model}-x86"
+    if not Path(db, "tvmq.json").exists():
+        return {"unavailable": f"no tuning database {db}: python -m tvmq.tune {model} --db {db}"}
+    result = tvmq_w8a8(model, repeats, db)
+    summary = Path(db, "last_tune.json")
+    if summary.exists():  # the wall time of the tuning that made the database
+        result["tuning_s"] = json.loads(summary.read_text())["seconds"]
+        result["note"] += f", tuned {result['tuning_s'] / 60:.0f} min"
+    return result
+
+
+PEERS = {fn.__name__: fn for fn in (torch_fp32, torch_int8, tvm_fp32, tvmq_w8a8,
+                                    tvmq_w8a8_tuned)}
 
 
 # ----------------------------------------------------------------------------- runner
@@ -209,7 +224,8 @@ def _spawn(peer: str, args) -> dict:
     env = {**os.environ, "TVM_NUM_THREADS": str(args.threads),
            "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "tvmq.bench", "--peer", peer, "--model", args.model,
-           "--threads", str(args.threads), "--repeats", str(args.repeats)]
+           "--threads", str(args.threads), "--repeats", str(args.repeats),
+           *(["--db", args.db] if args.db else [])]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                               timeout=args.timeout)
@@ -305,13 +321,15 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", action="append", default=[], choices=list(PEERS),
                     help="a peer not to run (repeatable)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per peer")
+    ap.add_argument("--db", help="tuning database of the tuned peer (default tuning/MODEL-x86)")
     ap.add_argument("--peer", choices=list(PEERS), help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
     if args.peer:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(RESULT + json.dumps(PEERS[args.peer](args.model, args.repeats)), flush=True)
+        extra = {"db": args.db} if args.peer.startswith("tvmq") else {}
+        print(RESULT + json.dumps(PEERS[args.peer](args.model, args.repeats, **extra)), flush=True)
         return 0
 
     from rich.console import Console
