@@ -1,6 +1,6 @@
 """The conv kernel uses the CPU's integer multiply-accumulate instruction for its target, read
-from the generated assembly: AVX2 ``vpmaddwd`` on x86 (this host), NEON ``smlal`` on the Pi 4
-(aarch64, cross-compiled: no board needed to read its code)."""
+from the generated assembly: AVX-512 VNNI ``vpdpwssd`` or AVX2 ``vpmaddwd`` on x86, NEON
+``smlal`` on the Pi 4 (aarch64, cross-compiled: no board needed to read code)."""
 from __future__ import annotations
 
 import re
@@ -37,9 +37,28 @@ def conv_body(asm: str) -> str:
     return body
 
 
-@pytest.mark.skipif(not has_feature(resolve("x86"), "avx2"), reason="this host has no AVX2")
-def test_x86_conv_uses_vpmaddwd():
-    assert "vpmaddwd" in conv_body(conv_assembly("x86"))
+AVX2_CPU = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+VNNI_CPU = {"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2}
+
+
+def test_avx2_conv_uses_vpmaddwd():
+    body = conv_body(conv_assembly(AVX2_CPU))
+    assert "vpmaddwd" in body and "zmm" not in body
+
+
+def test_avx512_vnni_conv_uses_vpdpwssd():
+    body = conv_body(conv_assembly(VNNI_CPU))
+    assert re.search(r"vpdpwssd\s+.*zmm", body), "no 512-bit vpdpwssd"
+
+
+def test_this_host_gets_its_best_path():
+    body = conv_body(conv_assembly("x86"))
+    host = resolve("x86")
+    want = "vpdpwssd" if has_feature(host, "avx512vnni") else "vpmaddwd" if has_feature(
+        host, "avx2") else None
+    if want is None:
+        pytest.skip("this host has neither AVX2 nor AVX-512 VNNI: generic vector code")
+    assert want in body
 
 
 def test_pi4_conv_uses_neon_smlal():

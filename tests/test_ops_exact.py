@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from schedules.targets import has_feature, resolve
 from tests.conftest import OpModule, assert_bit_exact, int8, run_tvm
 
 ops = torch.ops.tvmq
@@ -117,3 +118,27 @@ def test_qconv2d_vector_schedule_without_avx2(case, gen):
     m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [stride] * 2, list(padding), [dil] * 2,
                                              groups, 0, 6, True, 8), wt, b)
     assert_bit_exact(run_tvm(m, x, target=GENERIC_X86), m(x))
+
+
+HOST = resolve("x86")
+X86_PATHS = {  # each x86 kernel path, run where this host can execute it
+    "avx2": ({"kind": "llvm", "mcpu": "haswell", "num-cores": 2}, "avx2"),
+    "avx512-vnni": (HOST, "avx512vnni"),
+}
+
+
+@pytest.mark.parametrize("path", sorted(X86_PATHS))
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-g{c[9]}")
+def test_qconv2d_each_x86_path(path, case, gen):
+    """The AVX2 (vpmaddwd, 8 lanes) and AVX-512 VNNI (vpdpwssd, 16 lanes) kernels are both
+    exact, with saturation both ways; whichever this host runs by default, the other is
+    tested too where the CPU can run it."""
+    target, feature = X86_PATHS[path]
+    if not has_feature(HOST, feature):
+        pytest.skip(f"this host has no {feature}: its kernels cannot run here")
+    n, c, h, w, o, k, stride, padding, dil, groups = case
+    x, wt = int8(n, c, h, w, gen=gen), int8(o, c // groups, k, k, gen=gen)
+    b = torch.randint(-3000, 3000, (o,), generator=gen, dtype=torch.int32)
+    m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [stride] * 2, list(padding), [dil] * 2,
+                                             groups, 2, 0, False, 8), wt, b)
+    assert_bit_exact(run_tvm(m, x, target=target), m(x))

@@ -16,11 +16,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import tvm
 from tvm import te, tirx
 
 from topi_ops.requantize import requantize
 
 OC_BLOCK = 8  # int32 lanes of one AVX2 register / two NEON registers
+OC_BLOCK_AVX512 = 16  # int32 lanes of one AVX-512 register (vpdpwssd)
+
+
+def oc_block(target) -> int:
+    """Output channels per weight block: one accumulator vector of the target. AVX-512 VNNI
+    CPUs get 16 (one ``vpdpwssd`` zmm does 16 channels x 2 input channels), others 8."""
+    if target is None or target.kind.name != "llvm":
+        return OC_BLOCK
+    has = tvm.target.codegen.llvm_cpu_has_features
+    return OC_BLOCK_AVX512 if has("avx512vnni", target) and has("avx512bw", target) else OC_BLOCK
 
 
 @dataclass(frozen=True)
@@ -45,15 +56,17 @@ def output_hw(hw, kernel, params: Conv2dParams) -> tuple[int, int]:
 
 
 def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, target=None):
-    """OIHW int8 -> ``[O/8, KH, KW, C/2, 8, 2]`` int16 (zero-padded) for dense convs; grouped
-    convs keep OIHW. The bias (int32, already at the accumulator's exponent) passes through."""
+    """OIHW int8 -> ``[O/B, KH, KW, C/2, B, 2]`` int16 (zero-padded; B = :func:`oc_block`) for
+    dense convs; grouped convs keep OIHW. The bias (int32, already at the accumulator's
+    exponent) passes through."""
     if params.groups != 1:
         return [weight.astype(np.int8), bias.astype(np.int32)]
     o, c, kh, kw = weight.shape
-    ob, c2 = -(-o // OC_BLOCK), -(-c // 2)
-    w = np.zeros((ob * OC_BLOCK, c2 * 2, kh, kw), np.int16)
+    block = oc_block(target)
+    ob, c2 = -(-o // block), -(-c // 2)
+    w = np.zeros((ob * block, c2 * 2, kh, kw), np.int16)
     w[:o, :c] = weight
-    w = w.reshape(ob, OC_BLOCK, c2, 2, kh, kw).transpose(0, 4, 5, 2, 1, 3)
+    w = w.reshape(ob, block, c2, 2, kh, kw).transpose(0, 4, 5, 2, 1, 3)
     return [np.ascontiguousarray(w), bias.astype(np.int32)]
 
 
@@ -65,7 +78,7 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, weight_shape, p
         return _qconv2d_grouped(data, weight, bias, weight_shape, params)
     n, c, h, w = (int(v) for v in data.shape)
     o, _, kh, kw = weight_shape
-    ob, c2 = int(weight.shape[0]), int(weight.shape[3])
+    ob, c2, block = int(weight.shape[0]), int(weight.shape[3]), int(weight.shape[4])
     pt, pl, pb, pr = params.padding
     (sh, sw), (dh, dw) = params.strides, params.dilation
     oh, ow = output_hw((h, w), (kh, kw), params)
@@ -80,7 +93,7 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, weight_shape, p
     rc, ry, rx, rj = (te.reduce_axis((0, c2), "rc"), te.reduce_axis((0, kh), "ry"),
                       te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, 2), "rj"))
     acc = te.compute(
-        (n, ob, oh, ow, OC_BLOCK),
+        (n, ob, oh, ow, block),
         lambda b, o_b, y, x, oi: te.sum(
             packed[b, y * sh + ry * dh, x * sw + rx * dw, rc, rj].astype("int32")
             * weight[o_b, ry, rx, rc, oi, rj].astype("int32"), axis=[ry, rx, rc, rj]),
@@ -88,11 +101,11 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, weight_shape, p
     blocked = te.compute(
         acc.shape,
         lambda b, o_b, y, x, oi: requantize(
-            acc[b, o_b, y, x, oi] + bias[tirx.min(o_b * OC_BLOCK + oi, o - 1)],
+            acc[b, o_b, y, x, oi] + bias[tirx.min(o_b * block + oi, o - 1)],
             params.out_shift, "int8", params.relu, params.bits),
         name="tvmq_conv_requant")
     return te.compute((n, o, oh, ow),
-                      lambda b, oc, y, x: blocked[b, oc // OC_BLOCK, y, x, oc % OC_BLOCK],
+                      lambda b, oc, y, x: blocked[b, oc // block, y, x, oc % block],
                       name="tvmq_conv_unpack")
 
 
