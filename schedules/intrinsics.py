@@ -19,72 +19,49 @@ DOT_8X2_AVX2 = "tvmq_dot_8x2_i16_avx2"
 DOT_16X2_VNNI = "tvmq_dot_16x2_i16_avx512vnni"
 
 
-@T.prim_func(s_tir=True)
-def _dot_8x2_desc(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((8, 2), "int16", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def _dot_pairs(lanes: int, vector_bits: int, llvm_intrinsic: str, fused: bool):
+    """(description, implementation) of ``C[0:lanes] += A[0:2] . B[0:lanes, 0:2]``: the int16
+    pair of A broadcast to every lane, one pairwise multiply-add; ``fused`` when the
+    instruction also accumulates (vpdpwssd), else a vector add follows (vpmaddwd)."""
+    i16 = f"int16x{2 * lanes}"
+    i32 = f"int32x{lanes}"
+    assert 32 * lanes == vector_bits
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((2,), "int16", offset_factor=1),
+             B: T.Buffer((lanes, 2), "int16", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((2,), "int16", offset_factor=1),
+             B: T.Buffer((lanes, 2), "int16", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            a_pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
+            a = T.reinterpret(T.broadcast(a_pair, lanes), dtype=i16)
+            b = B.vload([0, 0], dtype=i16)
+            if fused:
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm_intrinsic),
+                    C[T.ramp(T.int32(0), 1, lanes)], a, b, dtype=i32)
+            else:
+                C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm_intrinsic), a, b, dtype=i32)
+
+    return desc, impl
 
 
-@T.prim_func(s_tir=True)
-def _dot_8x2_avx2(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((8, 2), "int16", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        a_pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
-        a = T.reinterpret(T.broadcast(a_pair, 8), dtype="int16x16")
-        b = B.vload([0, 0], dtype="int16x16")
-        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, b, dtype="int32x8")
-
-
-TensorIntrin.register(DOT_8X2_AVX2, _dot_8x2_desc, _dot_8x2_avx2, override=True)
-
-
-@T.prim_func(s_tir=True)
-def _dot_16x2_desc(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((16, 2), "int16", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
-def _dot_16x2_vnni(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((16, 2), "int16", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
-        T.writes(C[0:16])
-        a_pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
-        a = T.reinterpret(T.broadcast(a_pair, 16), dtype="int16x32")
-        b = B.vload([0, 0], dtype="int16x32")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.512"),
-            C[T.ramp(T.int32(0), 1, 16)], a, b, dtype="int32x16")
-
-
-TensorIntrin.register(DOT_16X2_VNNI, _dot_16x2_desc, _dot_16x2_vnni, override=True)
+TensorIntrin.register(DOT_8X2_AVX2, *_dot_pairs(8, 256, "llvm.x86.avx2.pmadd.wd", False),
+                      override=True)
+TensorIntrin.register(DOT_16X2_VNNI, *_dot_pairs(16, 512, "llvm.x86.avx512.vpdpwssd.512", True),
+                      override=True)
