@@ -2,8 +2,10 @@
 
 ``tvmq_dot_16x2_i16_avx512vnni``: ``C[0:16] += A[0:2] . B[0:16, 0:2]``, one AVX-512 VNNI
 ``vpdpwssd`` (the same exact int16-pair dot product, fused with the accumulation, on 16
-lanes). The LLVM bundled with TVM 0.27 wants its operands as ``<32 x i16>`` (older LLVMs took
-``<16 x i32>``; the shipped ``vpdpbusd`` intrinsic of TVM still passes those and fails).
+lanes). ``tvmq_dot_16x4_u8i8_avx512vnni``: ``C[0:16] += A[0:4] . B[0:16, 0:4]`` with u8 A
+and s8 B, one ``vpdpbusd`` (exact: four u8 x s8 products summed in int32). The LLVM bundled
+with TVM 0.27 wants their operands as ``<32 x i16>`` / ``<64 x i8>`` (older LLVMs took
+``<16 x i32>``; TVM's own shipped ``vpdpbusd`` intrinsic still passes those and fails).
 
 ``tvmq_dot_8x2_i16_avx2``: ``C[0:8] += A[0:2] . B[0:8, 0:2]`` on int16 inputs and int32
 accumulators, one ``vpmaddwd`` (exact: each int32 lane is the sum of two int16 x int16
@@ -17,51 +19,53 @@ from tvm.script import tirx as T
 
 DOT_8X2_AVX2 = "tvmq_dot_8x2_i16_avx2"
 DOT_16X2_VNNI = "tvmq_dot_16x2_i16_avx512vnni"
+DOT_16X4_VNNI = "tvmq_dot_16x4_u8i8_avx512vnni"
 
 
-def _dot_pairs(lanes: int, vector_bits: int, llvm_intrinsic: str, fused: bool):
-    """(description, implementation) of ``C[0:lanes] += A[0:2] . B[0:lanes, 0:2]``: the int16
-    pair of A broadcast to every lane, one pairwise multiply-add; ``fused`` when the
-    instruction also accumulates (vpdpwssd), else a vector add follows (vpmaddwd)."""
-    i16 = f"int16x{2 * lanes}"
-    i32 = f"int32x{lanes}"
-    assert 32 * lanes == vector_bits
+def _dot(lanes: int, group: int, a_dtype: str, b_dtype: str, llvm_intrinsic: str,
+         fused: bool):
+    """(description, implementation) of ``C[0:lanes] += A[0:group] . B[0:lanes, 0:group]``:
+    A's group broadcast to every lane (as one 32-bit word), one multiply-add instruction;
+    ``fused`` when it also accumulates (vpdpwssd, vpdpbusd), else a vector add follows."""
+    ab = f"{b_dtype}x{group * lanes}"  # LLVM's operand type (bytes are i8 either way)
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((2,), "int16", offset_factor=1),
-             B: T.Buffer((lanes, 2), "int16", offset_factor=1),
+    def desc(A: T.Buffer((group,), a_dtype, offset_factor=1),
+             B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
              C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
             for i in T.serial(0, lanes):
-                for k in T.serial(0, 2):
+                for k in T.serial(0, group):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((2,), "int16", offset_factor=1),
-             B: T.Buffer((lanes, 2), "int16", offset_factor=1),
+    def impl(A: T.Buffer((group,), a_dtype, offset_factor=1),
+             B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
              C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
-            a_pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
-            a = T.reinterpret(T.broadcast(a_pair, lanes), dtype=i16)
-            b = B.vload([0, 0], dtype=i16)
+            a_word = T.reinterpret(A.vload([0], f"{a_dtype}x{group}"), dtype="int32")
+            a = T.reinterpret(T.broadcast(a_word, lanes), dtype=ab)
+            b = B.vload([0, 0], dtype=ab)
             if fused:
                 C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(llvm_intrinsic),
-                    C[T.ramp(T.int32(0), 1, lanes)], a, b, dtype=i32)
+                    C[T.ramp(T.int32(0), 1, lanes)], a, b, dtype=f"int32x{lanes}")
             else:
                 C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(llvm_intrinsic), a, b, dtype=i32)
+                    T.llvm_lookup_intrinsic_id(llvm_intrinsic), a, b, dtype=f"int32x{lanes}")
 
     return desc, impl
 
 
-TensorIntrin.register(DOT_8X2_AVX2, *_dot_pairs(8, 256, "llvm.x86.avx2.pmadd.wd", False),
-                      override=True)
-TensorIntrin.register(DOT_16X2_VNNI, *_dot_pairs(16, 512, "llvm.x86.avx512.vpdpwssd.512", True),
-                      override=True)
+TensorIntrin.register(DOT_8X2_AVX2, *_dot(8, 2, "int16", "int16", "llvm.x86.avx2.pmadd.wd",
+                                         False), override=True)
+TensorIntrin.register(DOT_16X2_VNNI, *_dot(16, 2, "int16", "int16",
+                                           "llvm.x86.avx512.vpdpwssd.512", True), override=True)
+TensorIntrin.register(DOT_16X4_VNNI, *_dot(16, 4, "uint8", "int8",
+                                           "llvm.x86.avx512.vpdpbusd.512", True), override=True)

@@ -1,6 +1,7 @@
 """The conv kernel uses the CPU's integer multiply-accumulate instruction for its target, read
-from the generated assembly: AVX-512 VNNI ``vpdpwssd`` or AVX2 ``vpmaddwd`` on x86, NEON
-``smlal`` on the Pi 4 (aarch64, cross-compiled: no board needed to read code)."""
+from the generated assembly: AVX-512 VNNI ``vpdpbusd`` (``vpdpwssd`` for reductions too long
+for u8 sums) or AVX2 ``vpmaddwd`` on x86, NEON ``smlal`` on the Pi 4 (aarch64,
+cross-compiled: no board needed to read code)."""
 from __future__ import annotations
 
 import re
@@ -16,9 +17,9 @@ from tvmq.frontend import import_exported_program
 ops = torch.ops.tvmq
 
 
-def conv_assembly(target) -> str:
+def conv_assembly(target, channels: int = 16) -> str:
     gen = torch.Generator().manual_seed(0)
-    x, w = int8(1, 16, 8, 8, gen=gen), int8(16, 16, 3, 3, gen=gen)
+    x, w = int8(1, channels, 8, 8, gen=gen), int8(16, channels, 3, 3, gen=gen)
     b = torch.zeros(16, dtype=torch.int32)
     m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1, 2, 7,
                                              False, 8), w, b)
@@ -46,15 +47,21 @@ def test_avx2_conv_uses_vpmaddwd():
     assert "vpmaddwd" in body and "zmm" not in body
 
 
-def test_avx512_vnni_conv_uses_vpdpwssd():
+def test_avx512_vnni_conv_uses_vpdpbusd():
     body = conv_body(conv_assembly(VNNI_CPU))
-    assert re.search(r"vpdpwssd\s+.*zmm", body), "no 512-bit vpdpwssd"
+    assert re.search(r"vpdpbusd\s+.*zmm", body), "no 512-bit vpdpbusd"
+
+
+def test_avx512_vnni_long_reduction_uses_vpdpwssd():
+    # 7320 channels x 3x3: u8 x s8 sums could pass 2^31, so the int16-pair layout is used
+    body = conv_body(conv_assembly(VNNI_CPU, channels=7320))
+    assert re.search(r"vpdpwssd\s+.*zmm", body) and "vpdpbusd" not in body
 
 
 def test_this_host_gets_its_best_path():
     body = conv_body(conv_assembly("x86"))
     host = resolve("x86")
-    want = "vpdpwssd" if has_feature(host, "avx512vnni") else "vpmaddwd" if has_feature(
+    want = "vpdpbusd" if has_feature(host, "avx512vnni") else "vpmaddwd" if has_feature(
         host, "avx2") else None
     if want is None:
         pytest.skip("this host has neither AVX2 nor AVX-512 VNNI: generic vector code")

@@ -142,3 +142,14 @@ def test_qconv2d_each_x86_path(path, case, gen):
     m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [stride] * 2, list(padding), [dil] * 2,
                                              groups, 2, 0, False, 8), wt, b)
     assert_bit_exact(run_tvm(m, x, target=target), m(x))
+
+
+def test_qconv2d_long_reduction_falls_back_to_int16_pairs(gen):
+    """C x KH x KW = 65880: on AVX-512 VNNI hosts the u8 layout could overflow int32, so the
+    kernel takes int16 pairs (vpdpwssd); exact either way."""
+    x, wt = int8(1, 7320, 3, 3, gen=gen), int8(16, 7320, 3, 3, gen=gen)
+    x[0, :, 1, 1], wt[3] = -128, -128  # the largest products
+    b = torch.randint(-3000, 3000, (16,), generator=gen, dtype=torch.int32)
+    m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0, 20,
+                                             False, 8), wt, b)
+    assert_bit_exact(run_tvm(m, x), m(x))

@@ -55,18 +55,35 @@ def output_hw(hw, kernel, params: Conv2dParams) -> tuple[int, int]:
             (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
 
 
+def conv_layout(target) -> tuple[int, int]:
+    """(output channels per block, input channels per group) of the packed dense conv:
+    (16, 4) u8 x s8 quads for AVX-512 VNNI's ``vpdpbusd``; (8, 2) int16 pairs elsewhere
+    (AVX2 ``vpmaddwd``, NEON ``smlal``)."""
+    block = oc_block(target)
+    return (block, 4) if block == OC_BLOCK_AVX512 else (block, 2)
+
+
+U8_OFFSET = 128  # u8 = int8 + 128: vpdpbusd multiplies unsigned bytes by signed bytes
+
+
 def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, target=None):
-    """OIHW int8 -> ``[O/B, KH, KW, C/2, B, 2]`` int16 (zero-padded; B = :func:`oc_block`) for
-    dense convs; grouped convs keep OIHW. The bias (int32, already at the accumulator's
-    exponent) passes through."""
+    """OIHW int8 -> ``[O/B, KH, KW, C/G, B, G]`` (zero-padded; ``conv_layout``) for dense
+    convs: int16 pairs (G = 2), or int8 quads (G = 4) whose data side is offset to u8, the
+    offset's contribution ``128 * sum(w)`` taken out of the bias here, exactly. Grouped
+    convs keep OIHW. The bias is int32 at the accumulator's exponent."""
     if params.groups != 1:
         return [weight.astype(np.int8), bias.astype(np.int32)]
     o, c, kh, kw = weight.shape
-    block = oc_block(target)
-    ob, c2 = -(-o // block), -(-c // 2)
-    w = np.zeros((ob * block, c2 * 2, kh, kw), np.int16)
+    block, group = conv_layout(target)
+    if group == 4 and 255 * 128 * c * kh * kw >= 2**31:  # u8 sums could overflow int32
+        block, group = OC_BLOCK_AVX512, 2
+    ob, cg = -(-o // block), -(-c // group)
+    w = np.zeros((ob * block, cg * group, kh, kw), np.int16 if group == 2 else np.int8)
     w[:o, :c] = weight
-    w = w.reshape(ob, block, c2, 2, kh, kw).transpose(0, 4, 5, 2, 1, 3)
+    w = w.reshape(ob, block, cg, group, kh, kw).transpose(0, 4, 5, 2, 1, 3)
+    bias = bias.astype(np.int64)
+    if group == 4:
+        bias = bias - U8_OFFSET * weight.astype(np.int64).sum(axis=(1, 2, 3))
     return [np.ascontiguousarray(w), bias.astype(np.int32)]
 
 
@@ -78,20 +95,26 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, weight_shape, p
         return _qconv2d_grouped(data, weight, bias, weight_shape, params)
     n, c, h, w = (int(v) for v in data.shape)
     o, _, kh, kw = weight_shape
-    ob, c2, block = int(weight.shape[0]), int(weight.shape[3]), int(weight.shape[4])
+    ob, cg, block, group = (int(weight.shape[i]) for i in (0, 3, 4, 5))
     pt, pl, pb, pr = params.padding
     (sh, sw), (dh, dw) = params.strides, params.dilation
     oh, ow = output_hw((h, w), (kh, kw), params)
-    zero = tirx.const(0, "int16")
+    # int16 pairs, or u8 quads (x + 128; padding is x = 0, i.e. 128, as the bias assumes)
+    dtype, zero = ("int16", 0) if group == 2 else ("uint8", U8_OFFSET)
 
     def pack(b, y, x, cc, j):
-        ch = cc * 2 + j
+        ch = cc * group + j
         inside = tirx.all(ch < c, y >= pt, y < pt + h, x >= pl, x < pl + w)
-        return tirx.if_then_else(inside, data[b, tirx.min(ch, c - 1), y - pt, x - pl].astype("int16"), zero)
+        value = data[b, tirx.min(ch, c - 1), y - pt, x - pl].astype("int16")
+        if group == 4:
+            value = value + U8_OFFSET
+        # padded channels have zero weights: any value works; keep them like padding
+        return tirx.if_then_else(inside, value.astype(dtype), tirx.const(zero, dtype))
 
-    packed = te.compute((n, h + pt + pb, w + pl + pr, c2, 2), pack, name="tvmq_conv_data_pack")
-    rc, ry, rx, rj = (te.reduce_axis((0, c2), "rc"), te.reduce_axis((0, kh), "ry"),
-                      te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, 2), "rj"))
+    packed = te.compute((n, h + pt + pb, w + pl + pr, cg, group), pack,
+                        name="tvmq_conv_data_pack")
+    rc, ry, rx, rj = (te.reduce_axis((0, cg), "rc"), te.reduce_axis((0, kh), "ry"),
+                      te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, group), "rj"))
     acc = te.compute(
         (n, ob, oh, ow, block),
         lambda b, o_b, y, x, oi: te.sum(
