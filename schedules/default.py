@@ -10,7 +10,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from schedules.elementwise import SCHEDULED, is_scheduled, schedule_loop_nest
-from schedules.intrinsics import DOT_8X2_AVX2, DOT_16X2_VNNI, DOT_16X4_VNNI
+from schedules.intrinsics import DOT_8X2_AVX2, DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI
 from schedules.targets import has_feature
 
 def register_tile(out_blocks: int, width: int) -> tuple[int, int]:
@@ -57,17 +57,17 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     sch.reverse_compute_at(requant, xo)
     rq_loops = sch.get_loops(requant)
     sch.vectorize(rq_loops[-1])
-    # the layout topi_ops.conv2d.conv_layout chose: (16, 4) and (16, 2) are AVX-512 VNNI's
+    # the instruction of the layout topi_ops.conv2d.conv_layout chose
     lanes, group = int(sch.get(oi).extent), int(sch.get(rj).extent)
-    intrin = {(16, 4): DOT_16X4_VNNI, (16, 2): DOT_16X2_VNNI}.get((lanes, group), DOT_8X2_AVX2)
-    avx2 = lanes == 16 or has_feature(target, "avx2")
-    if not avx2:  # NEON and others: 8 int32 lanes, widening multiply-accumulate from int16
+    intrin = {(16, 4): DOT_16X4_VNNI, (16, 2): DOT_16X2_VNNI, (8, 4): DOT_8X4_SDOT}.get(
+        (lanes, group), DOT_8X2_AVX2 if has_feature(target, "avx2") else None)
+    if intrin is None:  # NEON pairs and others: 8 int32 lanes, widening multiply-accumulate
         sch.reorder(rj, oi)
         sch.unroll(rj)
         sch.vectorize(oi)  # before decompose_reduction: vectorize needs the complete block
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
-    if avx2:
+    if intrin is not None:
         sch.tensorize(oi, intrin)
     sch.unroll(xi)
     sch.unroll(obi)

@@ -6,6 +6,8 @@ lanes). ``tvmq_dot_16x4_u8i8_avx512vnni``: ``C[0:16] += A[0:4] . B[0:16, 0:4]`` 
 and s8 B, one ``vpdpbusd`` (exact: four u8 x s8 products summed in int32). The LLVM bundled
 with TVM 0.27 wants their operands as ``<32 x i16>`` / ``<64 x i8>`` (older LLVMs took
 ``<16 x i32>``; TVM's own shipped ``vpdpbusd`` intrinsic still passes those and fails).
+``tvmq_dot_8x4_i8_sdot``: ``C[0:8] += A[0:4] . B[0:8, 0:4]`` on s8, two ARMv8.2 ``sdot``
+(each: 4 int32 lanes += a 4-byte dot product), for the Pi 5's Cortex-A76.
 
 ``tvmq_dot_8x2_i16_avx2``: ``C[0:8] += A[0:2] . B[0:8, 0:2]`` on int16 inputs and int32
 accumulators, one ``vpmaddwd`` (exact: each int32 lane is the sum of two int16 x int16
@@ -20,14 +22,11 @@ from tvm.script import tirx as T
 DOT_8X2_AVX2 = "tvmq_dot_8x2_i16_avx2"
 DOT_16X2_VNNI = "tvmq_dot_16x2_i16_avx512vnni"
 DOT_16X4_VNNI = "tvmq_dot_16x4_u8i8_avx512vnni"
+DOT_8X4_SDOT = "tvmq_dot_8x4_i8_sdot"
 
 
-def _dot(lanes: int, group: int, a_dtype: str, b_dtype: str, llvm_intrinsic: str,
-         fused: bool):
-    """(description, implementation) of ``C[0:lanes] += A[0:group] . B[0:lanes, 0:group]``:
-    A's group broadcast to every lane (as one 32-bit word), one multiply-add instruction;
-    ``fused`` when it also accumulates (vpdpwssd, vpdpbusd), else a vector add follows."""
-    ab = f"{b_dtype}x{group * lanes}"  # LLVM's operand type (bytes are i8 either way)
+def _dot_desc(lanes: int, group: int, a_dtype: str, b_dtype: str):
+    """What every intrinsic here computes: ``C[0:lanes] += A[0:group] . B[0:lanes, 0:group]``."""
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((group,), a_dtype, offset_factor=1),
@@ -41,6 +40,16 @@ def _dot(lanes: int, group: int, a_dtype: str, b_dtype: str, llvm_intrinsic: str
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+def _dot(lanes: int, group: int, a_dtype: str, b_dtype: str, llvm_intrinsic: str,
+         fused: bool):
+    """(description, implementation): A's group broadcast to every lane (as one 32-bit word),
+    one x86 multiply-add instruction; ``fused`` when it also accumulates (vpdpwssd,
+    vpdpbusd), else a vector add follows (vpmaddwd)."""
+    ab = f"{b_dtype}x{group * lanes}"  # LLVM's operand type (bytes are i8 either way)
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((group,), a_dtype, offset_factor=1),
@@ -60,7 +69,7 @@ def _dot(lanes: int, group: int, a_dtype: str, b_dtype: str, llvm_intrinsic: str
                 C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(llvm_intrinsic), a, b, dtype=f"int32x{lanes}")
 
-    return desc, impl
+    return _dot_desc(lanes, group, a_dtype, b_dtype), impl
 
 
 TensorIntrin.register(DOT_8X2_AVX2, *_dot(8, 2, "int16", "int16", "llvm.x86.avx2.pmadd.wd",
@@ -69,3 +78,23 @@ TensorIntrin.register(DOT_16X2_VNNI, *_dot(16, 2, "int16", "int16",
                                            "llvm.x86.avx512.vpdpwssd.512", True), override=True)
 TensorIntrin.register(DOT_16X4_VNNI, *_dot(16, 4, "uint8", "int8",
                                            "llvm.x86.avx512.vpdpbusd.512", True), override=True)
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x4_sdot(A: T.Buffer((4,), "int8", offset_factor=1),
+                  B: T.Buffer((8, 4), "int8", offset_factor=1),
+                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4),
+                          dtype="int8x16")
+        for half in T.unroll(2):
+            C[T.ramp(half * 4, 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                C[T.ramp(half * 4, 1, 4)], B.vload([half * 4, 0], dtype="int8x16"), a,
+                dtype="int32x4")
+
+
+TensorIntrin.register(DOT_8X4_SDOT, _dot_desc(8, 4, "int8", "int8"), _dot_8x4_sdot,
+                      override=True)

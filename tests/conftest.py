@@ -63,6 +63,16 @@ def emulated_pi():
         yield board
 
 
+@pytest.fixture(scope="session")
+def emulated_pi5():
+    """The emulated Raspberry Pi 5 (Cortex-A76: dotprod, so the sdot kernels run)."""
+    from deploy.boards import emulated_pi as start
+    from tvmq.default_model import cache_dir
+
+    with start(cache_dir(), target="rpi5") as board:
+        yield board
+
+
 def run_on_board(board_address: str, module: nn.Module, *inputs: torch.Tensor,
                  target="arm", tmp_path=None) -> torch.Tensor:
     """torch.export -> tvmq pipeline for ``target`` -> cross-compiled library -> run on the

@@ -72,3 +72,8 @@ def test_pi4_conv_uses_neon_smlal():
     body = conv_body(conv_assembly("arm"))
     assert re.search(r"\bsmlal2?\b", body), "no NEON widening multiply-accumulate"
     assert "sdot" not in body  # a Pi 4's Cortex-A72 has no dot product instructions
+
+
+def test_pi5_conv_uses_sdot():
+    body = conv_body(conv_assembly("rpi5"))
+    assert re.search(r"\bsdot\b", body), "no ARMv8.2 dot product on a dotprod target"

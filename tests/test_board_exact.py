@@ -1,5 +1,6 @@
 """The aarch64 kernels, run on the emulated Raspberry Pi 4 (a real aarch64 TVM runtime under
-qemu), equal the PyTorch integer reference bit for bit: every deploy op, with edge values."""
+qemu), equal the PyTorch integer reference bit for bit: every deploy op, with edge values; and
+the Pi 5's sdot convolutions on an emulated Cortex-A76."""
 from __future__ import annotations
 
 import pytest
@@ -49,3 +50,14 @@ def test_pools_relu_and_quantize_on_pi(emulated_pi, gen):
     f[0, :6] = torch.tensor([0.5, -0.5, 1.5, -1.5, 1e6, -1e6]) * 2.0 ** -5
     q = OpModule(lambda f: ops.dequantize(ops.quantize(f, -5, 8), -5))
     assert_bit_exact(run_on_board(emulated_pi.address, q, f), q(f))
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-s{c[6]}-g{c[9]}")
+def test_qconv2d_sdot_on_pi5(emulated_pi5, case, gen):
+    n, c, h, w, o, k, stride, padding, dil, groups = case
+    x, wt = int8(n, c, h, w, gen=gen), int8(o, c // groups, k, k, gen=gen)
+    x[0, 0, 0, :2], wt[0, 0, 0, :2] = -128, -128  # the largest product
+    b = torch.randint(-3000, 3000, (o,), generator=gen, dtype=torch.int32)
+    m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [stride] * 2, list(padding), [dil] * 2,
+                                             groups, 2, 3, True, 8), wt, b)
+    assert_bit_exact(run_on_board(emulated_pi5.address, m, x, target="rpi5"), m(x))

@@ -1,19 +1,20 @@
 """int8 conv2d: int8 NCHW data x int8 OIHW weights -> int32 accumulators -> shift requantize
 -> int8 NCHW.
 
-Dense convolutions (groups == 1) run on *channel pairs*: the data is widened to int16 pairs
-``[N, Hp, Wp, C/2, 2]`` (zero-padded, inside the kernel) and the weights are packed at build time
-to ``[O/8, KH, KW, C/2, 8, 2]`` int16, so the innermost step is "8 output channels += 2 input
-channels", which is one ``vpmaddwd`` on x86 (exact: int16 x int16 pair sums into int32) and
-widening multiply-accumulates (``smlal``) on ARM NEON. Channels innermost (both operands) make
-the reduction over input channels walk contiguous memory (2x faster than channel-planar on
-64x56x56). The accumulator tile stays in registers
-and the shift requantization is the epilogue of the same loop nest. Grouped and depthwise
-convolutions use a direct NCHW loop nest.
+Dense convolutions (groups == 1) run on small groups of input channels, innermost in both
+operands: the data is packed inside the kernel to ``[N, Hp, Wp, C/G, G]`` (padded) and the
+weights at build time to ``[O/B, KH, KW, C/G, B, G]``, so the innermost step is "B output
+channels += G input channels", one instruction of the target (``conv_layout``): int16 pairs
+(G = 2, B = 8) for AVX2 ``vpmaddwd`` and NEON ``smlal``; u8 x s8 quads (G = 4, B = 16) for
+AVX-512 VNNI ``vpdpbusd``, the data offset by +128 and ``128 * sum(w)`` taken out of the bias
+at build time; s8 quads (G = 4, B = 8) for ARMv8.2 ``sdot`` (Pi 5). All are exact integer
+arithmetic. The accumulator tile stays in registers and the shift requantization is the
+epilogue of the same loop nest. Grouped and depthwise convolutions use a direct NCHW loop nest.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import tvm
@@ -21,17 +22,42 @@ from tvm import te, tirx
 
 from topi_ops.requantize import requantize
 
-OC_BLOCK = 8  # int32 lanes of one AVX2 register / two NEON registers
-OC_BLOCK_AVX512 = 16  # int32 lanes of one AVX-512 register (vpdpwssd)
+
+class ConvLayout(NamedTuple):
+    """How a dense conv is packed: ``block`` output channels (one accumulator vector) by
+    ``group`` input channels (one multiply-add step), and the dtype the data is packed to."""
+
+    block: int
+    group: int
+    data: str
 
 
-def oc_block(target) -> int:
-    """Output channels per weight block: one accumulator vector of the target. AVX-512 VNNI
-    CPUs get 16 (one ``vpdpwssd`` zmm does 16 channels x 2 input channels), others 8."""
+PAIRS = ConvLayout(8, 2, "int16")  # AVX2 vpmaddwd, NEON smlal: int16 pairs, 8 int32 lanes
+VNNI_PAIRS = ConvLayout(16, 2, "int16")  # AVX-512 VNNI vpdpwssd
+VNNI_QUADS = ConvLayout(16, 4, "uint8")  # AVX-512 VNNI vpdpbusd: u8 (x + 128) x s8
+SDOT_QUADS = ConvLayout(8, 4, "int8")  # ARMv8.2 dotprod sdot: s8 x s8, two sdot per block
+
+
+def conv_layout(target) -> ConvLayout:
+    """The packing the target's integer dot-product instruction wants."""
     if target is None or target.kind.name != "llvm":
-        return OC_BLOCK
+        return PAIRS
     has = tvm.target.codegen.llvm_cpu_has_features
-    return OC_BLOCK_AVX512 if has("avx512vnni", target) and has("avx512bw", target) else OC_BLOCK
+    if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+        return SDOT_QUADS if has("dotprod", target) else PAIRS
+    return VNNI_QUADS if has("avx512vnni", target) and has("avx512bw", target) else PAIRS
+
+
+def data_layout(weight_shape, target) -> ConvLayout:
+    """The layout of a packed weight ``[O/B, KH, KW, C/G, B, G]`` (with the data dtype)."""
+    block, group = int(weight_shape[4]), int(weight_shape[5])
+    for layout in (conv_layout(target), PAIRS, VNNI_PAIRS):
+        if (layout.block, layout.group) == (block, group):
+            return layout
+    raise ValueError(f"no conv layout packs weights as {tuple(weight_shape)}")
+
+
+U8_OFFSET = 128  # u8 = int8 + 128: vpdpbusd multiplies unsigned bytes by signed bytes
 
 
 @dataclass(frozen=True)
@@ -55,17 +81,6 @@ def output_hw(hw, kernel, params: Conv2dParams) -> tuple[int, int]:
             (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
 
 
-def conv_layout(target) -> tuple[int, int]:
-    """(output channels per block, input channels per group) of the packed dense conv:
-    (16, 4) u8 x s8 quads for AVX-512 VNNI's ``vpdpbusd``; (8, 2) int16 pairs elsewhere
-    (AVX2 ``vpmaddwd``, NEON ``smlal``)."""
-    block = oc_block(target)
-    return (block, 4) if block == OC_BLOCK_AVX512 else (block, 2)
-
-
-U8_OFFSET = 128  # u8 = int8 + 128: vpdpbusd multiplies unsigned bytes by signed bytes
-
-
 def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, target=None):
     """OIHW int8 -> ``[O/B, KH, KW, C/G, B, G]`` (zero-padded; ``conv_layout``) for dense
     convs: int16 pairs (G = 2), or int8 quads (G = 4) whose data side is offset to u8, the
@@ -74,15 +89,16 @@ def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, targ
     if params.groups != 1:
         return [weight.astype(np.int8), bias.astype(np.int32)]
     o, c, kh, kw = weight.shape
-    block, group = conv_layout(target)
-    if group == 4 and 255 * 128 * c * kh * kw >= 2**31:  # u8 sums could overflow int32
-        block, group = OC_BLOCK_AVX512, 2
+    layout = conv_layout(target)
+    if layout.data == "uint8" and 255 * 128 * c * kh * kw >= 2**31:  # u8 sums could overflow
+        layout = VNNI_PAIRS
+    block, group = layout.block, layout.group
     ob, cg = -(-o // block), -(-c // group)
     w = np.zeros((ob * block, cg * group, kh, kw), np.int16 if group == 2 else np.int8)
     w[:o, :c] = weight
     w = w.reshape(ob, block, cg, group, kh, kw).transpose(0, 4, 5, 2, 1, 3)
     bias = bias.astype(np.int64)
-    if group == 4:
+    if layout.data == "uint8":
         bias = bias - U8_OFFSET * weight.astype(np.int64).sum(axis=(1, 2, 3))
     return [np.ascontiguousarray(w), bias.astype(np.int32)]
 
@@ -99,17 +115,17 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, weight_shape, p
     pt, pl, pb, pr = params.padding
     (sh, sw), (dh, dw) = params.strides, params.dilation
     oh, ow = output_hw((h, w), (kh, kw), params)
-    # int16 pairs, or u8 quads (x + 128; padding is x = 0, i.e. 128, as the bias assumes)
-    dtype, zero = ("int16", 0) if group == 2 else ("uint8", U8_OFFSET)
+    # int16 pairs, s8 quads, or u8 quads (x + 128; padding is x = 0, i.e. 128, as the bias
+    # correction of pack_conv2d assumes)
+    dtype = data_layout(weight.shape, target).data
+    offset = U8_OFFSET if dtype == "uint8" else 0
 
     def pack(b, y, x, cc, j):
         ch = cc * group + j
         inside = tirx.all(ch < c, y >= pt, y < pt + h, x >= pl, x < pl + w)
-        value = data[b, tirx.min(ch, c - 1), y - pt, x - pl].astype("int16")
-        if group == 4:
-            value = value + U8_OFFSET
+        value = data[b, tirx.min(ch, c - 1), y - pt, x - pl].astype("int16") + offset
         # padded channels have zero weights: any value works; keep them like padding
-        return tirx.if_then_else(inside, value.astype(dtype), tirx.const(zero, dtype))
+        return tirx.if_then_else(inside, value.astype(dtype), tirx.const(offset, dtype))
 
     packed = te.compute((n, h + pt + pb, w + pl + pr, cg, group), pack,
                         name="tvmq_conv_data_pack")
