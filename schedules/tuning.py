@@ -26,6 +26,7 @@ from tvm.s_tir import meta_schedule as ms
 from schedules.default import RULES, conv_loop_extents, register_tiles, schedule_conv_pairs
 from schedules.targets import host_target
 
+SHIPPED = Path(__file__).parent / "tuned"  # databases tuned for the zoo on known CPUs
 DB_META = "tvmq.json"
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 CONV_RULE = "tvmq_qconv2d_pairs"
@@ -130,6 +131,18 @@ def open_database(db_dir: str | Path, target: tvm.target.Target, create: bool = 
         return ms.database.JSONDatabase(work_dir=str(db_dir), allow_missing=False)
     except Exception as err:  # noqa: BLE001  TVM's parser: a record that is JSON but not valid
         raise TuningDatabaseError(f"{db_dir} is corrupt: {str(err).strip().splitlines()[-1]}") from None
+
+
+def shipped_database(model: str, target: tvm.target.Target) -> Path | None:
+    """The database shipped with tvmq for a zoo model on this kind of CPU, if there is one."""
+    want = target_record(target)
+    for meta in sorted(SHIPPED.glob(f"{model}-*/{DB_META}")):
+        try:
+            if json.loads(meta.read_text())["target"] == want:
+                return meta.parent
+        except (ValueError, KeyError):
+            continue
+    return None
 
 
 def _describe(rec: dict) -> str:
@@ -252,4 +265,4 @@ def _best_ms(database, task, target) -> float | None:
 
 
 __all__ = ["TuningDatabaseError", "apply_database", "extract_tasks", "open_database",
-           "register_rules", "runner_for", "tune"]
+           "register_rules", "runner_for", "shipped_database", "tune"]

@@ -26,7 +26,8 @@ from pathlib import Path
 from deploy.report import write_atomic
 
 LABELS = {"torch_fp32": "PyTorch fp32", "torch_int8": "PyTorch int8 (x86)",
-          "tvm_fp32": "TVM fp32 untuned", "tvmq_w8a8": "tvmq W8A8 default",
+          "tvm_fp32": "TVM fp32 untuned", "tvm_fp32_tuned": "TVM fp32 tuned",
+          "tvmq_w8a8": "tvmq W8A8 default",
           "tvmq_w8a8_tuned": "tvmq W8A8 tuned"}
 BASELINES = ("torch_fp32", "torch_int8")
 SHORT = {"torch_fp32": "fp32", "torch_int8": "int8"}  # table headers
@@ -180,6 +181,31 @@ def tvm_fp32(model: str, repeats: int) -> dict:
     return {**_time_vm(lib, x, repeats), "build_s": build_s, "note": f"build {build_s:.0f} s"}
 
 
+def tvm_fp32_tuned(model: str, repeats: int, trials: int = 0) -> dict:
+    """TVM fp32 tuned by MetaSchedule's own default space (XGBoost cost model) with the same
+    number of trials as tvmq's database: what a TVM user gets with that tuning budget."""
+    import torch
+    import tvm
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm.s_tir import meta_schedule as ms
+
+    from schedules.targets import resolve
+
+    if not trials:
+        return {"unavailable": "no tuning budget: give --trials or a tvmq database"}
+    net, x = _float_model(model)
+    target = resolve("x86")
+    t = time.perf_counter()
+    mod = from_exported_program(torch.export.export(net, (x,)), unwrap_unit_return_tuple=True)
+    with tempfile.TemporaryDirectory() as work:
+        db = ms.relax_integration.tune_relax(mod, {}, target, work, max_trials_global=trials,
+                                             num_trials_per_iter=16)
+        ex = ms.relax_integration.compile_relax(db, mod, target, None)
+    tuning_s = time.perf_counter() - t
+    return {**_time_vm(ex.jit(), x, repeats), "tuning_s": tuning_s,
+            "note": f"{trials} trials, tuned {tuning_s / 60:.0f} min"}
+
+
 def tvmq_w8a8(model: str, repeats: int, db: str | None = None) -> dict:
     """tvmq INT-SE W8A8, default schedules (or ``db``'s tuned ones): the CLI's path for a zoo
     model (``zoo_program`` then ``tvmq.build``), the library loaded back from ``model.so``."""
@@ -202,8 +228,9 @@ def tvmq_w8a8(model: str, repeats: int, db: str | None = None) -> dict:
 
 
 def tvmq_w8a8_tuned(model: str, repeats: int, db: str | None = None) -> dict:
-    """tvmq W8A8 with the kernels of a MetaSchedule database (``python -m tvmq.tune``)."""
-    db = db or f"tuning/{model}-x86"
+    """tvmq W8A8 with the kernels of a MetaSchedule database (``python -m tvmq.tune``; by
+    default the one shipped for this CPU, if any)."""
+    db = db or _shipped_db(model)
     if not Path(db, "tvmq.json").exists():
         return {"unavailable": f"no tuning database {db}: python -m tvmq.tune {model} --db {db}"}
     result = tvmq_w8a8(model, repeats, db)
@@ -214,8 +241,22 @@ def tvmq_w8a8_tuned(model: str, repeats: int, db: str | None = None) -> dict:
     return result
 
 
-PEERS = {fn.__name__: fn for fn in (torch_fp32, torch_int8, tvm_fp32, tvmq_w8a8,
-                                    tvmq_w8a8_tuned)}
+def _shipped_db(model: str) -> str:
+    from schedules.targets import resolve
+    from schedules.tuning import shipped_database
+
+    found = shipped_database(model, resolve("x86"))
+    return str(found) if found else f"tuning/{model}-x86"
+
+
+def _tuning_trials(model: str, db: str | None) -> int:
+    """The trials behind tvmq's tuned database: the budget TVM fp32 gets too."""
+    summary = Path(db or _shipped_db(model), "last_tune.json")
+    return json.loads(summary.read_text())["trials"] if summary.exists() else 0
+
+
+PEERS = {fn.__name__: fn for fn in (torch_fp32, torch_int8, tvm_fp32, tvm_fp32_tuned,
+                                    tvmq_w8a8, tvmq_w8a8_tuned)}
 
 
 # ----------------------------------------------------------------------------- runner
@@ -225,7 +266,7 @@ def _spawn(peer: str, args) -> dict:
            "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "tvmq.bench", "--peer", peer, "--model", args.model,
            "--threads", str(args.threads), "--repeats", str(args.repeats),
-           *(["--db", args.db] if args.db else [])]
+           *(["--db", args.db] if args.db else []), "--trials", str(args.trials)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                               timeout=args.timeout)
@@ -321,14 +362,22 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", action="append", default=[], choices=list(PEERS),
                     help="a peer not to run (repeatable)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per peer")
-    ap.add_argument("--db", help="tuning database of the tuned peer (default tuning/MODEL-x86)")
+    ap.add_argument("--db", help="tvmq's tuning database (default: the one shipped for this CPU)")
+    ap.add_argument("--trials", type=int, default=0,
+                    help="TVM fp32's tuning budget (default: the trials of tvmq's database)")
+    ap.add_argument("--layers", action="store_true",
+                    help="also the ten slowest convolutions: tvmq vs PyTorch int8 per layer,"
+                         " and each one's share of this CPU's measured int8 MAC peak")
+    ap.add_argument("--layers-only", action="store_true", help="only the per-layer table")
     ap.add_argument("--peer", choices=list(PEERS), help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
     if args.peer:
         import torch
 
         torch.set_num_threads(args.threads)
-        extra = {"db": args.db} if args.peer.startswith("tvmq") else {}
+        extra = ({"db": args.db} if args.peer.startswith("tvmq") else
+                 {"trials": args.trials or _tuning_trials(args.model, args.db)}
+                 if args.peer == "tvm_fp32_tuned" else {})
         print(RESULT + json.dumps(PEERS[args.peer](args.model, args.repeats, **extra)), flush=True)
         return 0
 
@@ -336,7 +385,7 @@ def main(argv=None) -> int:
 
     from tvmq.training import progress
 
-    peers = [p for p in PEERS if p not in args.skip]
+    peers = [p for p in PEERS if p not in args.skip and not args.layers_only]
     results = {}
     with progress() as bar:
         task = bar.add_task(f"bench {args.model}", total=len(peers), info="")
@@ -353,13 +402,15 @@ def main(argv=None) -> int:
     passed = None if value is None else value <= limit
     title = f"{args.model}, batch 1, {args.threads} threads, {machine['cpu']} ({machine['llvm_mcpu']})"
     console = Console()
-    console.print(_table(results, ratios, title))
-    for p, r in results.items():
-        if "median_ms" not in r:
-            console.print(f"{LABELS[p]}: {r.get('unavailable') or r.get('error')}", highlight=False)
-    verdict = ("not measured" if value is None
-               else f"{value:.2f}× -> {'[green]PASS[/]' if passed else '[red]FAIL[/]'}")
-    console.print(f"bar: {LABELS[peer]} <= {limit:g}× {LABELS[base]}: {verdict}")
+    if results:
+        console.print(_table(results, ratios, title))
+        for p, r in results.items():
+            if "median_ms" not in r:
+                console.print(f"{LABELS[p]}: {r.get('unavailable') or r.get('error')}",
+                              highlight=False)
+        verdict = ("not measured" if value is None
+                   else f"{value:.2f}× -> {'[green]PASS[/]' if passed else '[red]FAIL[/]'}")
+        console.print(f"bar: {LABELS[peer]} <= {limit:g}× {LABELS[base]}: {verdict}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -368,9 +419,19 @@ def main(argv=None) -> int:
                          "warmup": WARMUP, "statistic": "median, IQR of per-call ms"},
               "results": results, "ratios": ratios,
               "bar": {"what": f"{peer} <= {limit:g}x {base}", "ratio": value, "pass": passed}}
+    if args.layers or args.layers_only:
+        from tvmq import bench_layers
+
+        with console.status("per-layer benchmark (tvmq, PyTorch int8, peak: own processes)"):
+            db = args.db or (_shipped_db(args.model) if Path(_shipped_db(args.model),
+                                                               "tvmq.json").exists() else None)
+            report["layers"] = bench_layers.measure(args.model, args.threads, 15, db)
+        console.print(bench_layers.table(report["layers"], f"{args.model}: slowest convolutions,"
+                                         f" {args.threads} threads"))
     write_atomic(out / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2)))
-    _plot(results, title, out / "bench.png")
-    console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    if results:
+        _plot(results, title, out / "bench.png")
+    console.print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if results else ""))
     return 0
 
 

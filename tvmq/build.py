@@ -92,6 +92,8 @@ def report(art: Artifact) -> Table:
     s = m["sizes"]
     table.add_row("size", f"library {s['library_bytes'] / 1e3:.1f} kB; weights int8"
                   f" {s['int_weight_bytes'] / 1e3:.1f} kB vs float {s['float_weight_bytes'] / 1e3:.1f} kB")
+    table.add_row("schedules", f"tuned: {m['tuning_db']} (default for the rest)"
+                  if m.get("tuning_db") else "default (no tuning database)")
     table.add_row("build time", f"{m['build_seconds']:.1f} s")
     return table
 
@@ -106,7 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help="zoo models: calibrate and check parity on a local dataset"
                     " (resnet20: CIFAR-10 python batches; resnet18: an ImageNet-style folder)")
     ap.add_argument("--quiet", action="store_true", help="no training progress bars")
-    ap.add_argument("--db", help="a tuning database (python -m tvmq.tune) for this target")
+    ap.add_argument("--db", help="a tuning database (python -m tvmq.tune) for this target;"
+                    " zoo models use the one shipped for this CPU when there is one")
+    ap.add_argument("--no-db", action="store_true", help="default schedules only")
     args = ap.parse_args(argv)
     try:
         if args.target not in TARGETS:
@@ -117,10 +121,16 @@ def main(argv=None) -> int:
                                                            args.data)
         name = ep.tvmq_info.get("model", "model") if hasattr(ep, "tvmq_info") else "model"
         out = args.out or f"build/{name}-{args.target}"
+        db = args.db
+        if db is None and args.model in zoo.ZOO and not args.no_db:
+            from schedules.targets import resolve
+            from schedules.tuning import shipped_database
+
+            db = shipped_database(args.model, resolve(args.target))  # tuned on this CPU kind
         with console.status(f"compiling {name} for {args.target}"):
             art = build(ep, target=args.target, out=out, name=name, parity=args.parity,
                         parity_data=parity_data, accuracy_data=accuracy_data, extra=extra,
-                        db=args.db)
+                        db=db)
     except USER_ERRORS as err:
         console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         return 2

@@ -1,0 +1,233 @@
+"""Per-layer benchmark: the convolutions of a zoo model, tvmq's kernel vs PyTorch int8 on the
+same layer, and the fraction of this CPU's peak int8 multiply-accumulate rate each reaches.
+
+Used by ``python -m tvmq.bench --layers``. Each side runs in its own process (PyTorch's and
+TVM's thread pools both spin). The peak is measured, not looked up: a loop of independent
+``vpdpbusd`` (AVX-512 VNNI) or ``vpmaddwd`` (AVX2) on registers, on every thread.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+LAYERS_RESULT = "TVMQ-LAYERS-RESULT "
+
+
+def conv_layers(model: str) -> list[dict]:
+    """Distinct conv layers of the zoo model's deploy graph, with how often each occurs."""
+    import torch
+
+    from tvmq.build import zoo_program
+
+    ep = zoo_program(model, "int-se", None)
+    seen: Counter = Counter()
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.tvmq.qconv2d.default:
+            x, wshape = node.args[0].meta["val"], tuple(node.args[1].meta["val"].shape)
+            stride, padding, dilation, groups = node.args[3:7]
+            seen[(tuple(x.shape), wshape, tuple(stride), tuple(padding), tuple(dilation),
+                  groups)] += 1
+    layers = []
+    for (xs, ws, stride, padding, dilation, groups), count in seen.items():
+        n, c, h, w = xs
+        o, cg, kh, kw = ws
+        oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        layers.append({"input": list(xs), "weight": list(ws), "stride": list(stride),
+                       "padding": list(padding), "dilation": list(dilation), "groups": groups,
+                       "count": count, "macs": n * o * oh * ow * cg * kh * kw})
+    return layers
+
+
+def _tvmq_side(layers: list[dict], repeats: int, db: str | None) -> list[float]:
+    """Median ms of tvmq's compiled conv kernel for each layer."""
+    import torch
+    import tvm
+    from tvm import relax
+
+    from schedules.targets import resolve
+    from schedules.tuning import open_database
+    from tvmq.compile import compile_relax
+    from tvmq.frontend import import_exported_program
+
+    target = resolve("x86")
+    database = open_database(db, target) if db else None
+    out = []
+    for layer in layers:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randint(-128, 128, layer["input"], generator=gen, dtype=torch.int8)
+        w = torch.randint(-128, 128, layer["weight"], generator=gen, dtype=torch.int8)
+        b = torch.zeros(layer["weight"][0], dtype=torch.int32)
+
+        class Conv(torch.nn.Module):
+            def forward(self, x, w=w, b=b, layer=layer):
+                return torch.ops.tvmq.qconv2d(x, w, b, layer["stride"], layer["padding"],
+                                              layer["dilation"], layer["groups"], 0, 8, True, 8)
+
+        ep = torch.export.export(Conv(), (x,))
+        ex = compile_relax(import_exported_program(ep), target, database)
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        data = tvm.runtime.tensor(x.numpy())
+        vm["main"](data)
+        timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeats, min_repeat_ms=100)
+        out.append(1e3 * sorted(timer(data).results)[repeats // 2])
+    return out
+
+
+def _torch_side(layers: list[dict], repeats: int) -> list[float]:
+    """Median ms of PyTorch's quantized conv (x86 engine, channels_last) on each layer."""
+    import time
+
+    import torch
+    from torch.ao.nn.quantized import Conv2d
+
+    torch.backends.quantized.engine = "x86"
+    out = []
+    for layer in layers:
+        o, cg, kh, kw = layer["weight"]
+        c = cg * layer["groups"]
+        pt, pl, pb, pr = layer["padding"]
+        conv = Conv2d(c, o, (kh, kw), layer["stride"], (pt, pl), layer["dilation"],
+                      layer["groups"])
+        conv.set_weight_bias(torch.quantize_per_tensor(torch.randn(o, cg, kh, kw), 0.05, 0,
+                                                       torch.qint8), None)
+        x = torch.quantize_per_tensor(torch.randn(layer["input"]), 0.05, 128, torch.quint8)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            for _ in range(3):
+                conv(x)
+            number = max(1, int(0.1 / max(_once(conv, x), 1e-6)))
+            samples = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                for _ in range(number):
+                    conv(x)
+                samples.append((time.perf_counter() - t) / number)
+        out.append(1e3 * sorted(samples)[repeats // 2])
+    return out
+
+
+def _once(conv, x) -> float:
+    import time
+
+    t = time.perf_counter()
+    conv(x)
+    return time.perf_counter() - t
+
+
+def peak_gmacs(threads: int) -> dict:
+    """This CPU's int8 multiply-accumulate peak, measured: 12 independent accumulators per
+    thread, each step one ``vpdpbusd`` zmm (64 MACs) on AVX-512 VNNI, else one ``vpmaddwd``
+    ymm (16 MACs) + add on AVX2."""
+    import numpy as np
+    import tvm
+    from tvm.script import tirx as T
+
+    from schedules.targets import has_feature, resolve
+
+    target = resolve("x86")
+    vnni = has_feature(target, "avx512vnni")
+    lanes, ab, intrin, macs = ((16, "int8x64", "llvm.x86.avx512.vpdpbusd.512", 64) if vnni
+                               else (8, "int16x16", "llvm.x86.avx2.pmadd.wd", 16))
+    acc_n, iters = 12, 20000
+
+    @T.prim_func(s_tir=True)
+    def peak(A: T.Buffer((32,), "int32"), C: T.Buffer((threads, acc_n, lanes), "int32")):
+        T.func_attr({"global_symbol": "peak", "tirx.noalias": True})
+        for core in T.parallel(threads):
+            acc = T.alloc_buffer((acc_n * lanes,), "int32", scope="local")
+            for j in T.unroll(acc_n):
+                acc[T.ramp(j * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+            a = T.reinterpret(A.vload([0], f"int32x{lanes}"), dtype=ab)
+            b = T.reinterpret(A.vload([16], f"int32x{lanes}"), dtype=ab)
+            for _it in T.serial(iters):
+                for j in T.unroll(acc_n):
+                    if vnni:
+                        acc[T.ramp(j * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
+                            T.llvm_lookup_intrinsic_id(intrin), acc[T.ramp(j * lanes, 1, lanes)],
+                            a, b, dtype=f"int32x{lanes}")
+                    else:
+                        acc[T.ramp(j * lanes, 1, lanes)] = acc[T.ramp(j * lanes, 1, lanes)] + \
+                            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(intrin), a, b,
+                                                    dtype=f"int32x{lanes}")
+            for j in T.unroll(acc_n):
+                for lane in T.vectorized(lanes):
+                    C[core, j, lane] = acc[j * lanes + lane]
+
+    lib = tvm.compile(peak, target=target).jit()
+    a = tvm.runtime.tensor(np.arange(32, dtype=np.int32))
+    c = tvm.runtime.tensor(np.zeros((threads, acc_n, lanes), np.int32))
+    seconds = lib.time_evaluator("peak", tvm.cpu(), number=5, repeat=5)(a, c).median
+    return {"gmacs": threads * iters * acc_n * macs / seconds / 1e9, "threads": threads,
+            "instruction": "vpdpbusd zmm" if vnni else "vpmaddwd ymm + vpaddd"}
+
+
+def measure(model: str, threads: int, repeats: int, db: str | None, top: int = 10,
+            timeout: float = 1800) -> dict:
+    """The ``top`` slowest distinct conv layers of ``model`` (by tvmq time x occurrences)."""
+    layers = conv_layers(model)
+    sides = {}
+    for side in ("tvmq", "torch", "peak"):
+        sides[side] = _spawn(side, model, threads, repeats, db, timeout)
+    peak = sides["peak"]["gmacs"]
+    for layer, t_tvmq, t_torch in zip(layers, sides["tvmq"], sides["torch"]):
+        layer.update(tvmq_ms=t_tvmq, torch_int8_ms=t_torch, ratio=t_tvmq / t_torch,
+                     tvmq_peak_fraction=layer["macs"] / (t_tvmq * 1e-3) / 1e9 / peak,
+                     torch_peak_fraction=layer["macs"] / (t_torch * 1e-3) / 1e9 / peak)
+    layers.sort(key=lambda r: -r["tvmq_ms"] * r["count"])
+    return {"peak": sides["peak"], "layers": layers[:top], "all_layers": len(layers)}
+
+
+def _spawn(side, model, threads, repeats, db, timeout):
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "tvmq.bench_layers", side, model, str(threads), str(repeats),
+           db or ""]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [ln[len(LAYERS_RESULT):] for ln in proc.stdout.splitlines()
+             if ln.startswith(LAYERS_RESULT)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"per-layer {side} side failed: "
+                           f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(lines[-1])
+
+
+def table(result: dict, title: str):
+    from rich.table import Table
+
+    peak = result["peak"]
+    t = Table(title=title, caption=f"peak: {peak['gmacs']:.0f} GMAC/s measured ({peak['instruction']},"
+                                   f" {peak['threads']} threads); % = share of that peak")
+    for col in ("layer (N,C,H,W) -> O, k, stride", "×", "GMAC", "tvmq ms", "PyTorch int8 ms",
+                "tvmq ÷ PyTorch", "tvmq % peak", "PyTorch % peak"):
+        t.add_column(col, justify="left" if col.startswith("layer") else "right")
+    for r in result["layers"]:
+        o, _, kh, _ = r["weight"]
+        desc = f"{tuple(r['input'])} -> {o}, {kh}x{kh}, s{r['stride'][0]}" + (
+            f", g{r['groups']}" if r["groups"] != 1 else "")
+        t.add_row(desc, str(r["count"]), f"{r['macs'] / 1e9:.3f}", f"{r['tvmq_ms']:.3f}",
+                  f"{r['torch_int8_ms']:.3f}", f"{r['ratio']:.2f}×",
+                  f"{100 * r['tvmq_peak_fraction']:.0f} %", f"{100 * r['torch_peak_fraction']:.0f} %")
+    return t
+
+
+def main(argv=None) -> int:  # child process: one side of the per-layer benchmark
+    side, model, threads, repeats, db = (argv or sys.argv[1:])[:5]
+    threads, repeats = int(threads), int(repeats)
+    import torch
+
+    torch.set_num_threads(threads)
+    if side == "peak":
+        result = peak_gmacs(threads)
+    else:
+        layers = conv_layers(model)
+        result = (_tvmq_side(layers, repeats, db or None) if side == "tvmq"
+                  else _torch_side(layers, repeats))
+    print(LAYERS_RESULT + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
