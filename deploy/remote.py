@@ -223,7 +223,8 @@ def run(board: Board, library: str | Path, inputs: list[np.ndarray], *, repeat: 
         raise
     except Exception as err:  # noqa: BLE001  a dead board surfaces as a socket/TVM error
         why = _last_line(err)
-        if "kShutdown" in why or "closed" in why.lower() or "Socket" in why:
+        # the endpoint saw the connection end (kShutdown, printed as a name or a number)
+        if any(sign in why for sign in ("RPCCode", "kShutdown", "Socket", "closed", "pipe")):
             why = ("the board closed the session (its process died: a crash, an illegal"
                    " instruction, or it was stopped; see the board's log)")
         raise BoardError(f"board {board.name} failed during {stage}: {why}") from None

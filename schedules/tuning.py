@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,26 +166,33 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database) -> tv
 
 
 # ----------------------------------------------------------------------------- tuning
-def _builder(target: tvm.target.Target, timeout: float):
-    if "aarch64" in str(target.attrs.get("mtriple", "")):
-        return ms.builder.LocalBuilder(f_export="tvmq.tuning.export_aarch64",
-                                       initializer=_worker_init, timeout_sec=timeout)
-    return ms.builder.LocalBuilder(initializer=_worker_init, timeout_sec=timeout)
+@derived_object
+class _InProcessBuilder(ms.builder.PyBuilder):
+    """Builds candidates in this process. MetaSchedule's LocalBuilder starts a new process
+    pool for every batch, and each worker spends ~20 s importing TVM's tensor intrinsics: with
+    a few tiles per kernel, that was most of the tuning time. A candidate is a TIR kernel that
+    LLVM compiles in well under a second; a shared library is exported (cross-compiled for
+    aarch64: a board loads it, it has no linker to finish a ``.tar``)."""
 
+    def __init__(self, target: tvm.target.Target):
+        self.cross = "aarch64" in str(target.attrs.get("mtriple", ""))
 
-def _worker_init():
-    """Builder workers are fresh processes: give them tvmq's registrations."""
-    import schedules.tuning  # noqa: F401  registers the rule and the exporter
+    def build(self, build_inputs):
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+        from tvm.support import cc
 
-
-@tvm.register_global_func("tvmq.tuning.export_aarch64", override=True)
-def _export_aarch64(mod) -> str:
-    """A board loads a shared library: cross-compile it here (not a .tar it must link)."""
-    from tvm.support import cc, utils
-
-    path = os.path.join(utils.tempdir(keep_for_debug=True).temp_dir, "tuned.so")
-    mod.export_library(path, fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
-    return path
+        results = []
+        for item in build_inputs:
+            try:
+                mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(item.mod)
+                lib = tvm.compile(mod, target=item.target)
+                path = os.path.join(tempfile.mkdtemp(prefix="tvmq-tune-"), "kernel.so")
+                lib.export_library(path, **({"fcompile": cc.cross_compiler(
+                    "aarch64-linux-gnu-g++")} if self.cross else {}))
+                results.append(ms.builder.BuilderResult(path, None))
+            except Exception as err:  # noqa: BLE001  a failed candidate, not a failed tuning
+                results.append(ms.builder.BuilderResult(None, f"{type(err).__name__}: {err}"))
+        return results
 
 
 def runner_for(rpc: str | None = None, tracker: str | None = None, key: str | None = None,
@@ -238,7 +246,11 @@ def tune(tasks: list, target: tvm.target.Target, db_dir: str | Path, trials: int
             mod=task.dispatched[0], target=target,
             space_generator=ms.space_generator.PostOrderApply(
                 sch_rules=[ms.schedule_rule.ApplyCustomRule()], postprocs=[], mutator_probs={}),
-            search_strategy=ms.search_strategy.EvolutionarySearch(),
+            # a space of a few tiles per kernel: a small population finds them all at once
+            # (the defaults sample 512 and insist on 50 unmeasured, minutes per task)
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=64, init_measured_ratio=0.0, init_min_unmeasured=1,
+                max_fail_count=2, genetic_num_iters=1),
             task_name=task.task_name, num_threads=os.cpu_count() or 2))
         weights.append(float(task.weight))
     start = time.perf_counter()
@@ -248,7 +260,7 @@ def tune(tasks: list, target: tvm.target.Target, db_dir: str | Path, trials: int
     with target:
         ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(db_dir),
                       max_trials_global=trials, max_trials_per_task=trials,
-                      num_trials_per_iter=16, builder=_builder(target, timeout),
+                      num_trials_per_iter=16, builder=_InProcessBuilder(target),
                       runner=runner or runner_for(timeout=timeout), database=database,
                       measure_callbacks=callbacks, cost_model="xgb")
     return {"seconds": round(time.perf_counter() - start, 1), "errors": list(monitor.errors),

@@ -99,3 +99,16 @@ def test_tune_on_the_emulated_pi_over_a_tracker(program, tmp_path):
         report = tvmq.deploy.run(art, rpc=None, tracker=trk.address, key="rpi4-tune",
                                  repeat=2, min_repeat_ms=10, write=False)
     assert report["boards"][0]["parity"]["mismatches"] == 0
+
+
+def test_shipped_database_is_found_only_for_its_cpu(db, tmp_path, monkeypatch):
+    import shutil
+
+    from schedules import tuning
+
+    shipped = tmp_path / "tuned"
+    shutil.copytree(db, shipped / "resnet20-x86-somecpu")
+    monkeypatch.setattr(tuning, "SHIPPED", shipped)
+    assert tuning.shipped_database("resnet20", resolve("x86")) == shipped / "resnet20-x86-somecpu"
+    assert tuning.shipped_database("resnet20", resolve("arm")) is None  # tuned for this x86
+    assert tuning.shipped_database("resnet18", resolve("x86")) is None

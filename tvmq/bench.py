@@ -193,10 +193,18 @@ def tvm_fp32_tuned(model: str, repeats: int, trials: int = 0) -> dict:
 
     if not trials:
         return {"unavailable": "no tuning budget: give --trials or a tvmq database"}
+    from tvm import relax
+
     net, x = _float_model(model)
     target = resolve("x86")
     t = time.perf_counter()
     mod = from_exported_program(torch.export.export(net, (x,)), unwrap_unit_return_tuple=True)
+    # tune_relax finds its tasks among call_tir kernels: legalize and fuse first
+    with target:
+        mod = tvm.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
     with tempfile.TemporaryDirectory() as work:
         db = ms.relax_integration.tune_relax(mod, {}, target, work, max_trials_global=trials,
                                              num_trials_per_iter=16)
