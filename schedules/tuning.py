@@ -195,20 +195,26 @@ class _InProcessBuilder(ms.builder.PyBuilder):
         return results
 
 
+def _connect_direct(rpc_config):
+    """MetaSchedule's RPC runner session, from one server instead of a tracker's pool."""
+    from tvm import rpc
+
+    return rpc.connect(rpc_config.tracker_host, int(rpc_config.tracker_port),
+                       session_timeout=rpc_config.session_timeout_sec)
+
+
 def runner_for(rpc: str | None = None, tracker: str | None = None, key: str | None = None,
                timeout: float = 60):
     """Local measurement, or on a board: a server (``rpc``) or the boards of a tracker key."""
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=50,
                                           enable_cpu_cache_flush=False)
-    if tracker:
-        host, port = tracker.rsplit(":", 1)
-        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
+    if tracker or rpc:
+        host, port = (tracker or rpc).rsplit(":", 1)
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port),
+                                     tracker_key=key or "direct",
                                      session_timeout_sec=int(timeout) * 4)
-        return ms.runner.RPCRunner(config, evaluator, max_workers=1)
-    if rpc:
-        raise ValueError("MetaSchedule measures on boards through a tracker: start one"
-                         " (python -m tvm.exec.rpc_tracker --host 127.0.0.1) and register the"
-                         " board with it, then pass --tracker HOST:PORT --key KEY")
+        return ms.runner.RPCRunner(config, evaluator, max_workers=1,
+                                   f_create_session=None if tracker else _connect_direct)
     return ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator)
 
 

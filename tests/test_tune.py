@@ -112,3 +112,11 @@ def test_shipped_database_is_found_only_for_its_cpu(db, tmp_path, monkeypatch):
     assert tuning.shipped_database("resnet20", resolve("x86")) == shipped / "resnet20-x86-somecpu"
     assert tuning.shipped_database("resnet20", resolve("arm")) is None  # tuned for this x86
     assert tuning.shipped_database("resnet18", resolve("x86")) is None
+
+
+def test_tune_on_a_board_server_directly(program, emulated_pi, tmp_path):
+    """--rpc: MetaSchedule measures on one server, no tracker (timings emulated)."""
+    summary = tune(program, "arm", tmp_path / "db", trials=2, max_tasks=1,
+                   rpc=emulated_pi.address)
+    assert summary["errors"] == [] and summary["tasks"][0]["best_ms"] > 0
+    assert summary["measured_on"] == f"the server at {emulated_pi.address}"

@@ -1,8 +1,8 @@
-"""python -m tvmq.tune MODEL --target x86|arm|rpi5 --trials N --db DIR [--tracker HOST:PORT --key KEY]
+"""python -m tvmq.tune MODEL --target x86|arm|rpi5 --trials N --db DIR [--rpc HOST:PORT | --tracker HOST:PORT --key KEY]
 
 Tune the integer kernels of MODEL with MetaSchedule (XGBoost cost model) for a target: the
-tasks are the conv/dense kernels of the lowered integer graph, measured on this machine or, for
-a board, through a TVM RPC tracker. Records go to the database DIR (interrupt and rerun to
+tasks are the conv/dense kernels of the lowered integer graph, measured on this machine or on a
+board (a TVM RPC server, or the boards of a tracker key). Records go to the database DIR (interrupt and rerun to
 resume: a rerun adds trials); ``python -m tvmq.build MODEL --target T --db DIR`` applies it."""
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from tvmq.frontend import import_exported_program
 console = Console(stderr=True)
 
 
-def tune(program, target="x86", db="tuning", trials: int = 64, *, tracker: str | None = None,
-         key: str | None = None, max_tasks: int | None = None, timeout: float = 120,
-         progress=None) -> dict:
+def tune(program, target="x86", db="tuning", trials: int = 64, *, rpc: str | None = None,
+         tracker: str | None = None, key: str | None = None, max_tasks: int | None = None,
+         timeout: float = 120, progress=None) -> dict:
     """Tune ``program`` (an ExportedProgram with tvmq ops) for ``target`` into database ``db``.
     ``max_tasks``: only the heaviest tasks (by MACs x occurrences). Returns a summary."""
     tgt = resolve(target)
@@ -35,11 +35,13 @@ def tune(program, target="x86", db="tuning", trials: int = 64, *, tracker: str |
     tasks.sort(key=lambda t: -t.weight * _flops(t))
     if max_tasks:
         tasks = tasks[:max_tasks]
-    runner = tuning.runner_for(tracker=tracker, key=key, timeout=timeout) if tracker else None
+    runner = (tuning.runner_for(rpc=rpc, tracker=tracker, key=key, timeout=timeout)
+              if rpc or tracker else None)
     summary = tuning.tune(tasks, tgt, db, trials, runner=runner, timeout=timeout,
                           progress=progress)
     summary.update(target=target, db=str(db), trials=trials,
-                   measured_on=f"{key} via tracker {tracker}" if tracker else "this machine")
+                   measured_on=f"{key} via tracker {tracker}" if tracker else
+                   f"the server at {rpc}" if rpc else "this machine")
     return summary
 
 
@@ -61,7 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--db", default=None, help="database directory (default tuning/MODEL-TARGET)")
     ap.add_argument("--scheme", default="int-se")
     ap.add_argument("--tasks", type=int, help="tune only the N heaviest kernels")
-    ap.add_argument("--tracker", metavar="HOST:PORT", help="measure on boards of this tracker")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--rpc", metavar="HOST:PORT", help="measure on the board at this server")
+    where.add_argument("--tracker", metavar="HOST:PORT", help="measure on boards of this tracker")
     ap.add_argument("--key", default="rpi4", help="tracker key of the boards (default rpi4)")
     ap.add_argument("--timeout", type=float, default=120, help="per build / run, seconds")
     args = ap.parse_args(argv)
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
             def progress(task_name, trials, best_ms):
                 bar.update(job, completed=min(trials, args.trials),
                            description=f"{task_name}: best {best_ms:.3f} ms")
-            summary = tune(ep, args.target, db, args.trials, tracker=args.tracker,
+            summary = tune(ep, args.target, db, args.trials, rpc=args.rpc, tracker=args.tracker,
                            key=args.key if args.tracker else None, max_tasks=args.tasks,
                            timeout=args.timeout, progress=progress)
     except USER_ERRORS as err:
