@@ -47,7 +47,7 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         sch.reverse_compute_inline(blocks["tvmq_dense_out"])
     requant = sch.get_sblock("tvmq_conv_requant")
     n, ob, y, x, oi, ry, rx, rc, rj = sch.get_loops(conv)
-    ob_tile, x_tile = tile or register_tile(int(sch.get(ob).extent), int(sch.get(x).extent))
+    ob_tile, x_tile = tile or register_tile(*conv_loop_extents(sch, conv))
     obo, obi = sch.split(ob, [None, ob_tile])
     xo, xi = sch.split(x, [None, x_tile])
     sch.reorder(n, obo, y, xo, ry, rx, rc, obi, xi, oi, rj)
@@ -79,16 +79,20 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
 RULES = {"tvmq_qconv2d_pairs": schedule_conv_pairs}
 
 
+def ruled_blocks(sch: s_tir.Schedule) -> list:
+    """(block, rule) of every top-level block whose ``schedule_rule`` tvmq knows."""
+    ruled = [(b, str(sch.get(b).annotations.get("schedule_rule", "")))
+             for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    return [(b, r) for b, r in ruled if r in RULES]
+
+
 def apply_default_schedules(mod: tvm.IRModule, target) -> tvm.IRModule:
     """Schedule every PrimFunc of ``mod`` whose block carries a known ``schedule_rule``."""
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
             continue
         sch = s_tir.Schedule(func)
-        ruled = [(b, str(sch.get(b).annotations["schedule_rule"]))
-                 for b in sch.get_child_blocks(sch.get_sblock("root"))
-                 if "schedule_rule" in sch.get(b).annotations]
-        ruled = [(b, r) for b, r in ruled if r in RULES]
+        ruled = ruled_blocks(sch)
         if not ruled:
             continue
         for block, rule in ruled:

@@ -14,6 +14,8 @@ def is_scheduled(func) -> bool:
     """Scheduled already: by a default schedule or from a tuning database."""
     attrs = func.attrs or {}
     return bool(attrs.get(SCHEDULED, False) or attrs.get(TUNED, False))
+
+
 VECTOR = 16  # int8/int32 lanes per chunk: a multiple of the NEON and AVX2 widths
 REDUCE_VECTOR = 8  # output columns computed together by a pooling window loop
 

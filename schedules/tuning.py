@@ -24,7 +24,7 @@ from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from schedules.default import RULES, conv_loop_extents, register_tiles, schedule_conv_pairs
+from schedules.default import conv_loop_extents, register_tiles, ruled_blocks, schedule_conv_pairs
 from schedules.targets import host_target
 
 SHIPPED = Path(__file__).parent / "tuned"  # databases tuned for the zoo on known CPUs
@@ -82,9 +82,7 @@ def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target) -> list:
 
 
 def _has_rule(func) -> bool:
-    sch = s_tir.Schedule(func)
-    return any(str(sch.get(b).annotations.get("schedule_rule", "")) in RULES
-               for b in sch.get_child_blocks(sch.get_sblock("root")))
+    return bool(ruled_blocks(s_tir.Schedule(func)))
 
 
 # ----------------------------------------------------------------------------- database

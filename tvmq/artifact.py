@@ -23,8 +23,8 @@ import tvm
 from tvm import relax
 
 from schedules.targets import is_host, resolve
-from tvmq import frontend
 from schedules.tuning import open_database
+from tvmq import frontend
 from tvmq.compile import compile_relax, export_library
 from tvmq.errors import ArtifactError, ModelFileError
 
