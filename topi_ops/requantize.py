@@ -10,15 +10,35 @@ from __future__ import annotations
 from tvm import te, tirx
 
 
-def round_shift(value: tirx.PrimExpr, shift: int) -> tirx.PrimExpr:
-    """Round-half-up arithmetic shift right by a compile-time ``shift`` (left shift if <= 0)."""
+def round_shift(value: tirx.PrimExpr, shift: "int | tirx.PrimExpr") -> tirx.PrimExpr:
+    """Round-half-up arithmetic shift right by ``shift`` (left shift if <= 0).
+
+    ``shift`` is a compile-time int (one shift for the whole tensor) or an int32 expression
+    read per element, e.g. ``shifts[channel]`` (a shift per output channel): then both
+    directions are computed and the sign of the shift selects one, which vectorizes to
+    variable shifts (AVX2 ``vpsravd``, NEON ``sshl``)."""
     dtype = str(value.ty.dtype)
+    if not isinstance(shift, int):
+        shift = shift.astype(dtype)
+        zero, one = tirx.const(0, dtype), tirx.const(1, dtype)
+        right = tirx.max(shift, zero)
+        half = tirx.shift_right(tirx.shift_left(one, right), one)  # 2^(s-1), 0 for s = 0
+        return tirx.if_then_else(shift >= zero,
+                                 tirx.shift_right(value + half, right),
+                                 tirx.shift_left(value, tirx.max(-shift, zero)))
     if shift > 0:
         half = tirx.const(1 << (shift - 1), dtype)
         return tirx.shift_right(value + half, tirx.const(shift, dtype))
     if shift < 0:
         return tirx.shift_left(value, tirx.const(-shift, dtype))
     return value
+
+
+def clamp(value: tirx.PrimExpr, lo: int, hi: int, out_dtype: str) -> tirx.PrimExpr:
+    """Clamp to ``[lo, hi]`` and cast to ``out_dtype`` (any integer range: signed N-bit,
+    unsigned N-bit after a ReLU)."""
+    vtype = str(value.ty.dtype)
+    return tirx.max(tirx.min(value, tirx.const(hi, vtype)), tirx.const(lo, vtype)).astype(out_dtype)
 
 
 def saturate(value: tirx.PrimExpr, out_dtype: str, relu: bool = False,
