@@ -20,7 +20,7 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from topi_ops.requantize import requantize
+from topi_ops.requantize import clamp, requantize, round_shift
 
 
 class ConvLayout(NamedTuple):
@@ -62,15 +62,28 @@ U8_OFFSET = 128  # u8 = int8 + 128: vpdpbusd multiplies unsigned bytes by signed
 
 @dataclass(frozen=True)
 class Conv2dParams:
-    """Scalar parameters of a tvmq integer conv2d (padding is top, left, bottom, right)."""
+    """Scalar parameters of a tvmq integer conv2d (padding is top, left, bottom, right).
+
+    One shift for the layer: ``out_shift`` with the signed ``bits`` range (from 0 with
+    ``relu``). A shift per output channel: ``out_shift=None``, the shifts come as a tensor
+    and the output range is ``[lo, hi]``."""
 
     strides: tuple
     padding: tuple
     dilation: tuple
     groups: int
-    out_shift: int
-    relu: bool
+    out_shift: int | None
+    relu: bool = False
     bits: int = 8
+    lo: int = -128
+    hi: int = 127
+
+
+def _requantize(value, channel, params, shift):
+    """The kernels' epilogue: one shift for the layer, or ``shift[channel]``."""
+    if shift is None:
+        return requantize(value, params.out_shift, "int8", params.relu, params.bits)
+    return clamp(round_shift(value, shift[channel]), params.lo, params.hi, "int8")
 
 
 def output_hw(hw, kernel, params: Conv2dParams) -> tuple[int, int]:
@@ -103,12 +116,12 @@ def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, targ
     return [np.ascontiguousarray(w), bias.astype(np.int32)]
 
 
-def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, weight_shape, params:
-            Conv2dParams, target=None) -> te.Tensor:
-    """data [N, C, H, W] int8, packed weight (see :func:`pack_conv2d`), bias [O] int32
-    -> [N, O, OH, OW] int8."""
+def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tensor | None = None,
+            *, weight_shape, params: Conv2dParams, target=None) -> te.Tensor:
+    """data [N, C, H, W] int8, packed weight (see :func:`pack_conv2d`), bias [O] int32,
+    shift [O] int32 when ``params.out_shift`` is None -> [N, O, OH, OW] int8."""
     if params.groups != 1:
-        return _qconv2d_grouped(data, weight, bias, weight_shape, params)
+        return _qconv2d_grouped(data, weight, bias, shift, weight_shape, params)
     n, c, h, w = (int(v) for v in data.shape)
     o, _, kh, kw = weight_shape
     ob, cg, block, group = (int(weight.shape[i]) for i in (0, 3, 4, 5))
@@ -139,16 +152,16 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, weight_shape, p
         name="tvmq_conv_acc", attrs={"schedule_rule": "tvmq_qconv2d_pairs"})
     blocked = te.compute(
         acc.shape,
-        lambda b, o_b, y, x, oi: requantize(
+        lambda b, o_b, y, x, oi: _requantize(
             acc[b, o_b, y, x, oi] + bias[tirx.min(o_b * block + oi, o - 1)],
-            params.out_shift, "int8", params.relu, params.bits),
+            tirx.min(o_b * block + oi, o - 1), params, shift),
         name="tvmq_conv_requant")
     return te.compute((n, o, oh, ow),
                       lambda b, oc, y, x: blocked[b, oc // block, y, x, oc % block],
                       name="tvmq_conv_unpack")
 
 
-def _qconv2d_grouped(data, weight, bias, weight_shape, params):
+def _qconv2d_grouped(data, weight, bias, shift, weight_shape, params):
     n, c, h, w = (int(v) for v in data.shape)
     o, cg, kh, kw = weight_shape
     og = o // params.groups
@@ -168,6 +181,6 @@ def _qconv2d_grouped(data, weight, bias, weight_shape, params):
             padded[b, (oc // og) * cg + rc, y * sh + ry * dh, x * sw + rx * dw].astype("int32")
             * weight[oc, rc, ry, rx].astype("int32"), axis=[rc, ry, rx]),
         name="tvmq_conv_grouped_acc")
-    return te.compute(acc.shape, lambda b, oc, y, x: requantize(
-        acc[b, oc, y, x] + bias[oc], params.out_shift, "int8", params.relu, params.bits),
+    return te.compute(acc.shape, lambda b, oc, y, x: _requantize(
+        acc[b, oc, y, x] + bias[oc], oc, params, shift),
         name="tvmq_conv_grouped_requant")

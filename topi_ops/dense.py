@@ -12,23 +12,30 @@ from topi_ops.conv2d import Conv2dParams, pack_conv2d, qconv2d
 
 @dataclass(frozen=True)
 class DenseParams:
-    out_shift: int
-    relu: bool
+    """As :class:`~topi_ops.conv2d.Conv2dParams`: one ``out_shift``, or None and a tensor of
+    shifts per output channel with the output range ``[lo, hi]``."""
+
+    out_shift: int | None
+    relu: bool = False
     bits: int = 8
+    lo: int = -128
+    hi: int = 127
 
     def as_conv(self) -> Conv2dParams:
-        return Conv2dParams((1, 1), (0, 0, 0, 0), (1, 1), 1, self.out_shift, self.relu, self.bits)
+        return Conv2dParams((1, 1), (0, 0, 0, 0), (1, 1), 1, self.out_shift, self.relu,
+                            self.bits, self.lo, self.hi)
 
 
 def pack_dense(weight: np.ndarray, bias: np.ndarray, params: DenseParams, target=None):
     return pack_conv2d(weight[:, :, None, None], bias, params.as_conv(), target)
 
 
-def qdense(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, weight_shape, params:
-           DenseParams, target=None) -> te.Tensor:
-    """data [N, K] int8, packed weight, bias [O] int32 -> [N, O] int8."""
+def qdense(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tensor | None = None,
+           *, weight_shape, params: DenseParams, target=None) -> te.Tensor:
+    """data [N, K] int8, packed weight, bias [O] int32 (shift [O] int32) -> [N, O] int8."""
     n, k = (int(v) for v in data.shape)
     image = te.compute((n, k, 1, 1), lambda b, c, y, x: data[b, c], name="tvmq_dense_as_image")
-    out = qconv2d(image, weight, bias, (*weight_shape, 1, 1), params.as_conv(), target)
+    out = qconv2d(image, weight, bias, shift, weight_shape=(*weight_shape, 1, 1),
+                  params=params.as_conv(), target=target)
     return te.compute((n, int(weight_shape[0])), lambda b, o: out[b, o, 0, 0],
                       name="tvmq_dense_out")

@@ -9,163 +9,68 @@ that could overflow, with the layer named.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 from torch import nn
 
-from tvmq import ops
-from tvmq.qat import (QAdd, QAvgPool2d, QConv2d, QLinear, QMaxPool2d, QReLU, QuantInput,
-                      _QWeighted, UnsupportedOpError)
-from tvmq.quantizers import (ExponentRangeError, check_exponent, covering_exponent,
-                             to_mantissa)
+from tvmq.integer import (INT32_MAX, AccumulatorOverflowError, Dequantize, IntAdd,
+                          IntAvgPool2d, IntMaxPool2d, IntReLU, Quantize, shift_in_range)
+from tvmq.qat import (QAdd, QAvgPool2d, QMaxPool2d, QReLU, QuantInput, _QWeighted,
+                      UnsupportedOpError)
+from tvmq.quantizers import check_exponent
 from tvmq.schemes import Recipe
+from tvmq.schemes.int_se import range_bits
 
-INT32_MAX = (1 << 31) - 1
-
-
-class AccumulatorOverflowError(ValueError):
-    """An int32 accumulator of a layer could overflow for some input."""
+__all__ = ["convert", "AccumulatorOverflowError", "INT32_MAX", "output_quantizers"]
 
 
-# ----------------------------------------------------------------------------- deploy modules
-class Quantize(nn.Module):
-    def __init__(self, exponent: int, bits: int):
-        super().__init__()
-        self.exponent, self.bits = exponent, bits
+@dataclass(frozen=True)
+class LayerIO:
+    """A weighted layer's input and output as the integer graph sees them: exponents and
+    integer ranges (what its scheme's ``integer_layer`` builds from)."""
 
-    def forward(self, x):
-        return torch.ops.tvmq.quantize(x, self.exponent, self.bits)
+    name: str
+    s_in: int
+    in_lo: int
+    in_hi: int
+    s_out: int
+    out_lo: int
+    out_hi: int
 
-
-class Dequantize(nn.Module):
-    def __init__(self, exponent: int):
-        super().__init__()
-        self.exponent = exponent
-
-    def forward(self, x):
-        return torch.ops.tvmq.dequantize(x, self.exponent)
-
-
-class IntConv2d(nn.Module):
-    """Integer conv: int8 weight, int bias at ``s_b``, shifts fixed at conversion."""
-
-    def __init__(self, weight, bias, stride, padding, dilation, groups, bias_shift, out_shift,
-                 relu, bits):
-        super().__init__()
-        self.register_buffer("weight", weight.to(torch.int8))
-        self.register_buffer("bias", bias.to(torch.int32))
-        self.stride, self.dilation, self.groups = list(stride), list(dilation), groups
-        self.padding = [padding[0], padding[1], padding[0], padding[1]]
-        self.bias_shift, self.out_shift, self.relu, self.bits = bias_shift, out_shift, relu, bits
-
-    def forward(self, x):
-        return torch.ops.tvmq.qconv2d(x, self.weight, self.bias, self.stride, self.padding,
-                                      self.dilation, self.groups, self.bias_shift,
-                                      self.out_shift, self.relu, self.bits)
+    @property
+    def in_max(self) -> int:
+        return max(-self.in_lo, self.in_hi)
 
 
-class IntLinear(nn.Module):
-    def __init__(self, weight, bias, bias_shift, out_shift, relu, bits):
-        super().__init__()
-        self.register_buffer("weight", weight.to(torch.int8))
-        self.register_buffer("bias", bias.to(torch.int32))
-        self.bias_shift, self.out_shift, self.relu, self.bits = bias_shift, out_shift, relu, bits
-
-    def forward(self, x):
-        return torch.ops.tvmq.qlinear(x, self.weight, self.bias, self.bias_shift,
-                                      self.out_shift, self.relu, self.bits)
+def _value_range(q, nonneg: bool) -> tuple[int, int]:
+    lo, hi = q.qrange()
+    return (0 if nonneg else lo), hi
 
 
-class IntAdd(nn.Module):
-    def __init__(self, a_shift, b_shift, relu, bits):
-        super().__init__()
-        self.a_shift, self.b_shift, self.relu, self.bits = a_shift, b_shift, relu, bits
-
-    def forward(self, a, b):
-        return torch.ops.tvmq.qadd(a, b, self.a_shift, self.b_shift, self.relu, self.bits)
-
-
-class IntReLU(nn.Module):
-    def forward(self, x):
-        return torch.ops.tvmq.qrelu(x)
-
-
-class IntMaxPool2d(nn.Module):
-    def __init__(self, kernel, stride, padding):
-        super().__init__()
-        self.kernel, self.stride = list(kernel), list(stride)
-        self.padding = [padding[0], padding[1], padding[0], padding[1]]
-
-    def forward(self, x):
-        return torch.ops.tvmq.qmax_pool2d(x, self.kernel, self.stride, self.padding)
-
-
-class IntAvgPool2d(nn.Module):
-    def __init__(self, kernel, stride, bits):
-        super().__init__()
-        self.kernel, self.stride, self.bits = list(kernel), list(stride), bits
-
-    def forward(self, x):
-        return torch.ops.tvmq.qavg_pool2d(x, self.kernel, self.stride, self.bits)
-
-
-# ----------------------------------------------------------------------------- conversion
-def _shift(value: int, where: str, what: str, lo: int = -31, hi: int = 31) -> int:
-    if not lo <= value <= hi:
-        raise ExponentRangeError(f"{where}: {what} {value} is outside [{lo}, {hi}]: the"
-                                 " exponents of its tensors are too far apart")
-    return value
-
-
-def _check_accumulator(name: str, w_int: torch.Tensor, b_aligned: torch.Tensor, in_bits: int,
-                       out_shift: int) -> None:
-    """Worst case of ``sum(x*w) + b`` (+ rounding half, or after a left shift) per channel."""
-    in_max = 1 << (in_bits - 1)
-    worst = w_int.abs().flatten(1).sum(1).to(torch.int64) * in_max + b_aligned.abs().to(torch.int64)
-    worst = worst + (1 << (out_shift - 1) if out_shift > 0 else 0)
-    worst = worst << max(-out_shift, 0)
-    channel = int(worst.argmax())
-    if int(worst[channel]) > INT32_MAX:
-        raise AccumulatorOverflowError(
-            f"layer {name!r}: output channel {channel} can reach |{int(worst[channel])}| in its"
-            f" int32 accumulator (> 2^31 - 1); its weights are too large for {in_bits}-bit"
-            " inputs -- use fewer input channels, smaller weights or a narrower scheme"
-        )
-
-
-def _convert_weighted(name: str, m: _QWeighted, recipe: Recipe) -> nn.Module:
+def _convert_weighted(name: str, m: _QWeighted) -> nn.Module:
     (q_in,) = m.input_quant
-    s_in = check_exponent(q_in.exponent, f"layer {name!r} input")
-    s_out = check_exponent(m.out_quant.exponent, f"layer {name!r} output")
-    with torch.no_grad():
-        w, b = m.folded()
-        s_w = check_exponent(m.weight_quant.exponent(w), f"layer {name!r} weight")
-        w_int = to_mantissa(w, s_w, recipe.weight_bits)
-        s_t = s_in + s_w  # exponent of the accumulator
-        s_b = covering_exponent(float(b.abs().max()), recipe.bias_bits)
-        s_b = min(max(s_b, s_t), s_t + recipe.bias_window)
-        b_int = to_mantissa(b, s_b, recipe.bias_bits)
-    bias_shift = s_b - s_t
-    out_shift = _shift(s_out - s_t, f"layer {name!r}", "requantization shift")
-    _check_accumulator(name, w_int, b_int << bias_shift, recipe.act_bits, out_shift)
-    if isinstance(m, QConv2d):
-        return IntConv2d(w_int, b_int, m.stride, m.padding, m.dilation, m.groups, bias_shift,
-                         out_shift, m.relu, recipe.act_bits)
-    return IntLinear(w_int, b_int, bias_shift, out_shift, m.relu, recipe.act_bits)
+    in_lo, in_hi = _value_range(q_in, m.input_nonneg[0] if m.input_nonneg else False)
+    out_lo, out_hi = _value_range(m.out_quant, m.relu)
+    io = LayerIO(name, check_exponent(q_in.exponent, f"layer {name!r} input"), in_lo, in_hi,
+                 check_exponent(m.out_quant.exponent, f"layer {name!r} output"), out_lo, out_hi)
+    return m.scheme.weight.scheme.integer_layer(m, io, m.scheme.weight)
 
 
-def _convert_module(name: str, m: nn.Module, recipe: Recipe) -> nn.Module:
+def _convert_module(name: str, m: nn.Module) -> nn.Module:
     if isinstance(m, _QWeighted):
-        return _convert_weighted(name, m, recipe)
+        return _convert_weighted(name, m)
     if isinstance(m, QuantInput):
-        return Quantize(check_exponent(m.out_quant.exponent, "model input"), recipe.act_bits)
+        bits, _ = range_bits(*m.out_quant.qrange())
+        return Quantize(check_exponent(m.out_quant.exponent, "model input"), bits)
     if isinstance(m, QAdd):
         s_out = check_exponent(m.out_quant.exponent, f"add {name!r} output")
         # each aligned input must stay below 2^30 so that their int32 sum cannot overflow
-        a, b = (_shift(s_out - q.exponent, f"add {name!r}", "alignment shift",
-                       lo=-(30 - recipe.act_bits + 1)) for q in m.input_quant)
-        return IntAdd(a, b, m.relu, recipe.act_bits)
+        shifts = [shift_in_range(s_out - q.exponent, f"add {name!r}", "alignment shift",
+                                 lo=-(30 - q.qrange()[1].bit_length()))
+                  for q in m.input_quant]
+        bits, relu = range_bits(*_value_range(m.out_quant, m.relu))
+        return IntAdd(*shifts, relu or m.relu, bits)
     if isinstance(m, QReLU):
         return IntReLU()
     if isinstance(m, QMaxPool2d):
@@ -174,7 +79,8 @@ def _convert_module(name: str, m: nn.Module, recipe: Recipe) -> nn.Module:
         if m.input_hw is None:
             raise RuntimeError(f"{name!r}: run the model on data (calibrate/train) first")
         kernel, stride = m.window(m.input_hw)
-        return IntAvgPool2d(kernel, stride, recipe.act_bits)
+        bits, _ = range_bits(*m.input_quant[0].qrange())
+        return IntAvgPool2d(kernel, stride, bits)
     raise UnsupportedOpError(f"{name!r}: no integer form for {type(m).__name__}")
 
 
@@ -211,7 +117,7 @@ def convert(qat: fx.GraphModule) -> fx.GraphModule:
     for node in deploy.graph.nodes:
         if node.op == "call_module" and node.target.startswith("tvmq_"):
             src = qat.get_submodule(node.target)
-            setattr(deploy, node.target, _convert_module(node.target, src, recipe))
+            setattr(deploy, node.target, _convert_module(node.target, src))
     deploy.output_exponent = q_out.exponent
     if recipe.output == "float":
         out = next(n for n in deploy.graph.nodes if n.op == "output")

@@ -17,96 +17,13 @@ from torch import fx
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
-from topi_ops.pool import avg_pool_multiplier
-from tvmq.quantizers import qrange
+import tvmq.schemes  # noqa: F401  every scheme's ops and bodies are registered
+from tvmq.bodies import BODIES
 from tvmq.qat import UnsupportedOpError
 
-R = relax.op
 # aten ops that only move or reshape data: allowed between tvmq ops in a deploy graph
 SHAPE_OPS = {"view", "reshape", "flatten", "_unsafe_view", "squeeze", "unsqueeze", "permute",
              "contiguous", "clone", "alias", "_assert_tensor_metadata", "expand", "transpose"}
-
-
-# ----------------------------------------------------------------------------- Relax bodies
-def _const(value, dtype):
-    return relax.const(value, dtype)
-
-
-def _round_shift(bb, x, shift):
-    if shift > 0:
-        x = bb.emit(R.add(x, _const(1 << (shift - 1), "int32")))
-        return bb.emit(R.right_shift(x, _const(shift, "int32")))
-    if shift < 0:
-        return bb.emit(R.left_shift(x, _const(-shift, "int32")))
-    return x
-
-
-def _saturate(bb, x, bits, relu=False):
-    lo, hi = qrange(bits)
-    x = bb.emit(R.clip(x, 0 if relu else lo, hi))
-    return bb.emit(R.astype(x, "int8"))
-
-
-def _body_quantize(bb, x, exponent, bits):
-    scaled = bb.emit(R.multiply(x, _const(2.0 ** -exponent, "float32")))
-    rounded = bb.emit(R.floor(R.add(scaled, _const(0.5, "float32"))))
-    lo, hi = qrange(bits)
-    return bb.emit(R.astype(R.clip(rounded, lo, hi), "int8"))
-
-
-def _body_dequantize(bb, x, exponent):
-    return bb.emit(R.multiply(R.astype(x, "float32"), _const(2.0 ** exponent, "float32")))
-
-
-def _add_bias(bb, acc, bias, bias_shift, shape):
-    b = bb.emit(R.left_shift(bias, _const(bias_shift, "int32")))
-    return bb.emit(R.add(acc, R.reshape(b, shape)))
-
-
-def _body_qconv2d(bb, x, w, b, stride, padding, dilation, groups, bias_shift, out_shift, relu,
-                  bits):
-    acc = bb.emit(R.nn.conv2d(x, w, strides=stride, padding=padding, dilation=dilation,
-                              groups=groups, out_dtype="int32"))
-    acc = _add_bias(bb, acc, b, bias_shift, (1, -1, 1, 1))
-    return _saturate(bb, _round_shift(bb, acc, out_shift), bits, relu)
-
-
-def _body_qlinear(bb, x, w, b, bias_shift, out_shift, relu, bits):
-    acc = bb.emit(R.matmul(x, R.permute_dims(w), out_dtype="int32"))
-    acc = _add_bias(bb, acc, b, bias_shift, (1, -1))
-    return _saturate(bb, _round_shift(bb, acc, out_shift), bits, relu)
-
-
-def _body_qadd(bb, a, b, a_shift, b_shift, relu, bits):
-    a = _round_shift(bb, bb.emit(R.astype(a, "int32")), a_shift)
-    b = _round_shift(bb, bb.emit(R.astype(b, "int32")), b_shift)
-    return _saturate(bb, bb.emit(R.add(a, b)), bits, relu)
-
-
-def _body_qrelu(bb, x):
-    return bb.emit(R.maximum(x, _const(0, "int8")))
-
-
-def _body_qmax_pool2d(bb, x, kernel, stride, padding):
-    return bb.emit(R.nn.max_pool2d(x, kernel, stride, padding))
-
-
-def _body_qavg_pool2d(bb, x, kernel, stride, bits):
-    # window sum as a depthwise conv with an all-ones kernel: exact, integer only
-    channels = int(x.ty.shape[1])
-    ones = relax.const(torch.ones((channels, 1, *kernel), dtype=torch.int8).numpy())
-    total = bb.emit(R.nn.conv2d(x, ones, strides=stride, groups=channels, out_dtype="int32"))
-    mult, shift = avg_pool_multiplier(kernel[0] * kernel[1])
-    total = bb.emit(R.multiply(total, _const(mult, "int32")))
-    return _saturate(bb, _round_shift(bb, total, shift), bits)
-
-
-# op name -> Relax body builder; its positional parameters after ``bb`` are the op's schema
-BODIES: dict[str, Callable] = {
-    "quantize": _body_quantize, "dequantize": _body_dequantize, "qconv2d": _body_qconv2d,
-    "qlinear": _body_qlinear, "qadd": _body_qadd, "qrelu": _body_qrelu,
-    "qmax_pool2d": _body_qmax_pool2d, "qavg_pool2d": _body_qavg_pool2d,
-}
 
 
 # ----------------------------------------------------------------------------- converters

@@ -43,6 +43,23 @@ def requantize(acc: torch.Tensor, shift: int, bits: int = 8, relu: bool = False)
     return saturate(round_shift(acc, shift), bits, relu)
 
 
+def round_shift_per_channel(acc: torch.Tensor, shift: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """:func:`round_shift` with one shift per channel along ``axis`` (int32 in and out)."""
+    view = [1] * acc.dim()
+    view[axis] = -1
+    s = shift.to(I32).view(view)
+    right = s.clamp_min(0)
+    half = (torch.ones_like(s) << right) >> 1  # 2^(s-1), 0 for s = 0
+    return torch.where(s >= 0, (acc + half) >> right, acc << (-s).clamp_min(0))
+
+
+def clamp_range(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Clamp an int32 tensor to ``[lo, hi]`` (a signed or unsigned N-bit range) as int8."""
+    if not -128 <= lo <= hi <= 127:
+        raise ValueError(f"output range [{lo}, {hi}] does not fit int8")
+    return x.clamp(lo, hi).to(torch.int8)
+
+
 def _conv_i32(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
     """Exact int8 x int8 -> int32 convolution.
 
@@ -114,6 +131,44 @@ def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bias_shif
 
 @qlinear.register_fake
 def _(x, weight, bias, bias_shift, out_shift, relu, bits):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.int8)
+
+
+# ----------------------------------------------------------------------------- per channel
+@torch.library.custom_op("tvmq::qconv2d_pc", mutates_args=())
+def qconv2d_pc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor,
+               stride: list[int], padding: list[int], dilation: list[int], groups: int,
+               lo: int, hi: int) -> torch.Tensor:
+    """int8 NCHW conv with a shift per output channel:
+    ``clamp(round_shift(conv(x, w) + bias, shift[o]), lo, hi)``.
+
+    ``bias`` [O] int32 is at each channel's accumulator exponent; ``shift`` [O] int32 (any
+    sign); ``[lo, hi]`` the output range (e.g. 0..3 for an unsigned 2-bit activation)."""
+    top, left, bottom, right = padding
+    x = F.pad(x.to(I32), (left, right, top, bottom))
+    acc = _conv_i32(x, weight, stride, 0, dilation, groups) + bias.to(I32).view(1, -1, 1, 1)
+    return clamp_range(round_shift_per_channel(acc, shift), lo, hi)
+
+
+@qconv2d_pc.register_fake
+def _(x, weight, bias, shift, stride, padding, dilation, groups, lo, hi):
+    n, _, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((n, o, oh, ow), dtype=torch.int8)
+
+
+@torch.library.custom_op("tvmq::qlinear_pc", mutates_args=())
+def qlinear_pc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor,
+               lo: int, hi: int) -> torch.Tensor:
+    """int8 dense with a shift per output channel (see :func:`qconv2d_pc`)."""
+    acc = (x.double() @ weight.double().T).round().to(I32) + bias.to(I32)
+    return clamp_range(round_shift_per_channel(acc, shift), lo, hi)
+
+
+@qlinear_pc.register_fake
+def _(x, weight, bias, shift, lo, hi):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.int8)
 
 

@@ -1,7 +1,8 @@
 """Quantization-aware training: ``prepare`` turns a float CNN into a QAT model.
 
 The model is traced with ``torch.fx``; every operation becomes a tvmq QAT module that
-fake-quantizes its output (INT-SE), and patterns are fused the way the integer graph will
+fake-quantizes its output with the quantizers the recipe's scheme gives that layer
+(``tvmq.schemes``), and patterns are fused the way the integer graph will
 run them: ``Conv2d -> BatchNorm2d -> ReLU`` is one :class:`QConv2d`, ``Linear -> ReLU`` one
 :class:`QLinear`, ``add -> ReLU`` one :class:`QAdd`. Shape-only ops (flatten, view, reshape)
 stay as they are. Anything else is refused with an error naming the node.
@@ -20,8 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from tvmq.quantizers import IntSEQuantizer, IntSEWeightQuantizer
-from tvmq.schemes import Recipe, get_recipe
+from tvmq.schemes import LayerScheme, Recipe, get_recipe
 
 
 class UnsupportedOpError(TypeError):
@@ -32,29 +32,37 @@ class UnsupportedOpError(TypeError):
 class QuantInput(nn.Module):
     """Fake-quantizes the float model input (the graph's one explicit quantize)."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, out_quant: nn.Module):
         super().__init__()
-        self.out_quant = IntSEQuantizer(recipe.act_bits)
+        self.out_quant = out_quant
 
     def forward(self, x):
         return self.out_quant(x)
 
 
 class _QWeighted(nn.Module):
-    """Shared part of QConv2d/QLinear: weight quantizer, optional folded BN, fused ReLU."""
+    """Shared part of QConv2d/QLinear: weight quantizer, optional folded BN, fused ReLU.
 
-    def __init__(self, layer: nn.Module, bn: nn.Module | None, relu: bool, recipe: Recipe):
+    ``layer_name`` is the float model's module name (what recipe overrides and reports use);
+    ``scheme`` the :class:`~tvmq.schemes.LayerScheme` of its weights and output."""
+
+    def __init__(self, layer: nn.Module, bn: nn.Module | None, relu: bool,
+                 scheme: LayerScheme, layer_name: str = ""):
         super().__init__()
+        self.layer_name, self.scheme = layer_name, scheme
         self.weight = nn.Parameter(layer.weight.detach().clone())
         bias = layer.bias.detach().clone() if layer.bias is not None else None
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.bn = bn
         self.bn_locked = False
         self.relu = relu
-        self.weight_quant = IntSEWeightQuantizer(recipe.weight_bits)
-        self.out_quant = IntSEQuantizer(recipe.act_bits)
-        self.input_quant: tuple[IntSEQuantizer, ...] = ()  # set by prepare; a tuple so that
+        self.weight_quant = scheme.weight.scheme.weight_quantizer(scheme.weight)
+        self.out_quant = scheme.act.scheme.act_quantizer(scheme.act, nonneg=relu)
+        self.out_quant.nonneg = self.out_quant.nonneg or relu
+        self.out_quant.layer = layer_name
+        self.input_quant: tuple[nn.Module, ...] = ()  # set by prepare; a tuple so that
         # the producer's quantizer is referenced, not registered twice as a submodule
+        self.input_nonneg: tuple[bool, ...] = ()  # whether each input follows a ReLU
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight and bias with batch norm folded in when it is locked."""
@@ -79,8 +87,8 @@ class _QWeighted(nn.Module):
 class QConv2d(_QWeighted):
     """Conv2d (+ BatchNorm2d) (+ ReLU) with INT-SE weights and output."""
 
-    def __init__(self, conv: nn.Conv2d, bn, relu, recipe):
-        super().__init__(conv, bn, relu, recipe)
+    def __init__(self, conv: nn.Conv2d, bn, relu, scheme, layer_name=""):
+        super().__init__(conv, bn, relu, scheme, layer_name)
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise UnsupportedOpError(f"Conv2d padding={conv.padding!r} mode={conv.padding_mode}:"
                                      " tvmq takes explicit zero padding")
@@ -105,11 +113,12 @@ class QLinear(_QWeighted):
 class QAdd(nn.Module):
     """Residual add (+ ReLU), output requantized to its own exponent."""
 
-    def __init__(self, relu: bool, recipe: Recipe):
+    def __init__(self, relu: bool, out_quant: nn.Module):
         super().__init__()
         self.relu = relu
-        self.out_quant = IntSEQuantizer(recipe.act_bits)
-        self.input_quant: tuple[IntSEQuantizer, ...] = ()
+        self.out_quant = out_quant
+        self.out_quant.nonneg = self.out_quant.nonneg or relu
+        self.input_quant: tuple[nn.Module, ...] = ()
 
     def forward(self, a, b):
         y = a + b
@@ -141,7 +150,7 @@ class QAvgPool2d(nn.Module):
     def __init__(self, kernel=None, stride=None):
         super().__init__()
         self.kernel, self.stride = kernel, stride
-        self.input_quant: tuple[IntSEQuantizer, ...] = ()
+        self.input_quant: tuple[nn.Module, ...] = ()
         self.input_hw: tuple[int, int] | None = None
 
     def window(self, hw) -> tuple[list[int], list[int]]:
@@ -189,7 +198,14 @@ class _Preparer:
     def __init__(self, model: nn.Module, recipe: Recipe):
         self.recipe = recipe
         self.gm = fx.symbolic_trace(model) if not isinstance(model, fx.GraphModule) else model
-        self.quant_of: dict[fx.Node, IntSEQuantizer] = {}  # node -> quantizer of its value
+        self.quant_of: dict[fx.Node, nn.Module] = {}  # node -> quantizer of its value
+        self.nonneg: set[fx.Node] = set()  # nodes whose value follows a ReLU (>= 0)
+        weighted = [n for n in self.gm.graph.nodes
+                    if _kind(self.gm, n) in (nn.Conv2d, nn.Linear)]
+        self.roles = {n: set() for n in weighted}
+        if weighted:
+            self.roles[weighted[0]].add("first")
+            self.roles[weighted[-1]].add("last")
         self.count = 0
         self.erased: set[fx.Node] = set()  # fused into a previous node's module
 
@@ -219,7 +235,7 @@ class _Preparer:
             self.erased.add(n)
         return new
 
-    def _input_quant(self, node: fx.Node, arg) -> IntSEQuantizer:
+    def _input_quant(self, node: fx.Node, arg) -> nn.Module:
         if not isinstance(arg, fx.Node) or arg not in self.quant_of:
             raise UnsupportedOpError(f"node {node.name!r}: input {arg!r} is not a quantized tensor")
         return self.quant_of[arg]
@@ -231,8 +247,10 @@ class _Preparer:
                 continue
             kind = _kind(gm, node)
             if node.op == "placeholder":
+                cfg = recipe.input_config()
                 with gm.graph.inserting_after(node):
-                    q = QuantInput(recipe)
+                    q = QuantInput(cfg.scheme.act_quantizer(cfg, nonneg=False))
+                    q.out_quant.layer = "model input"
                     new = gm.graph.call_module(self._add(q, "input"), (node,))
                 node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
                 self.quant_of[node] = self.quant_of[new] = q.out_quant
@@ -246,16 +264,22 @@ class _Preparer:
                     bn, last = copy.deepcopy(gm.get_submodule(user.target)), user
                 last, relu = self._fuse_relu(last)
                 qcls = QConv2d if kind is nn.Conv2d else QLinear
-                q = qcls(layer, bn, relu, recipe)
+                q = qcls(layer, bn, relu, recipe.for_layer(node.target, self.roles[node]),
+                         node.target)
                 q.input_quant = (self._input_quant(node, node.args[0]),)
+                q.input_nonneg = (node.args[0] in self.nonneg,)
                 new = self._replace(node, last, q, "conv" if qcls is QConv2d else "linear",
                                     (node.args[0],))
                 self.quant_of[new] = q.out_quant
+                if relu:
+                    self.nonneg.add(new)
             elif kind in _ADD and len(node.args) == 2 and all(
                     isinstance(a, fx.Node) for a in node.args):
                 a, b = node.args
                 last, relu = self._fuse_relu(node)
-                q = QAdd(relu, recipe)
+                cfg = recipe.spec_for(node.name)
+                q = QAdd(relu, cfg.scheme.act_quantizer(cfg, nonneg=relu))
+                q.out_quant.layer = node.name
                 q.input_quant = (self._input_quant(node, a), self._input_quant(node, b))
                 if last is not node:
                     last.replace_all_uses_with(node)
@@ -263,21 +287,29 @@ class _Preparer:
                     self.erased.add(last)
                 new = self._replace(node, node, q, "add", (a, b))
                 self.quant_of[new] = q.out_quant
+                if relu:
+                    self.nonneg.add(new)
             elif kind in _RELU or kind is nn.MaxPool2d or kind is F.max_pool2d:
                 src = self._input_quant(node, node.args[0])
                 if kind in _RELU:
                     q = QReLU()
                 else:
                     q = self._maxpool(node)
+                nonneg = kind in _RELU or node.args[0] in self.nonneg
                 new = self._replace(node, node, q, "relu" if kind in _RELU else "maxpool",
                                     (node.args[0],))
                 self.quant_of[new] = src
+                if nonneg:
+                    self.nonneg.add(new)
             elif kind in (nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d, nn.AvgPool2d):
                 src = self._input_quant(node, node.args[0])
                 q = self._avgpool(node)
                 q.input_quant = (src,)
+                nonneg = node.args[0] in self.nonneg
                 new = self._replace(node, node, q, "avgpool", (node.args[0],))
                 self.quant_of[new] = src
+                if nonneg:
+                    self.nonneg.add(new)
             elif kind in _SHAPE_QUERY and not (kind is operator.getitem
                                                and node.args[0] in self.quant_of):
                 continue
@@ -289,6 +321,8 @@ class _Preparer:
                 self.erased.add(node)
             elif kind in _SHAPE:
                 self.quant_of[node] = self._input_quant(node, node.args[0])
+                if node.args[0] in self.nonneg:
+                    self.nonneg.add(node)
             else:
                 raise UnsupportedOpError(
                     f"node {node.name!r} ({getattr(kind, '__name__', kind)}) is not supported by"
@@ -331,8 +365,10 @@ class _Preparer:
         return QAvgPool2d()
 
 
-def prepare(model: nn.Module, recipe: "str | Recipe" = "int-se") -> fx.GraphModule:
-    """A QAT copy of ``model`` for ``recipe`` (a scheme name such as ``"int-se:6"``).
+def prepare(model: nn.Module, recipe: "str | dict | Recipe" = "int-se") -> fx.GraphModule:
+    """A QAT copy of ``model`` for ``recipe``: a scheme spec such as ``"int-se:6"`` or
+    ``"combined-ternary:2"``, a ``{layer: spec}`` mapping, a JSON file of one, or a
+    :class:`~tvmq.schemes.Recipe` (``tvmq.schemes.get_recipe``).
 
     The original model is left untouched. Train the result with your own loop or
     :func:`tvmq.train`; then :func:`tvmq.convert` freezes it into the integer model.

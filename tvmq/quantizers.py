@@ -95,6 +95,7 @@ class IntSEQuantizer(nn.Module):
         super().__init__()
         self.bits = bits
         self.momentum = momentum
+        self.nonneg = False  # set by prepare when the value follows a ReLU
         self.register_buffer("running_exponent", torch.tensor(float("nan")))
         self.last_exponent: int | None = None  # the exponent the latest forward used
 
@@ -103,6 +104,11 @@ class IntSEQuantizer(nn.Module):
         if torch.isnan(self.running_exponent):
             raise RuntimeError("quantizer has seen no data: run tvmq.calibrate or train first")
         return int(torch.round(self.running_exponent))
+
+    def qrange(self) -> tuple[int, int]:
+        """Integer range of the deploy tensor: signed N-bit, from 0 after a ReLU."""
+        lo, hi = qrange(self.bits)
+        return (0 if self.nonneg else lo), hi
 
     def observe(self, x: torch.Tensor) -> int:
         s = choose_exponent(x, self.bits)
@@ -130,6 +136,14 @@ class IntSEWeightQuantizer(nn.Module):
 
     def exponent(self, w: torch.Tensor) -> int:
         return choose_exponent(w, self.bits)
+
+    def integer(self, w: torch.Tensor, where: str):
+        """Integer form for conversion: the mantissas and one exponent for every channel."""
+        from tvmq.integer import IntegerWeights
+
+        s_w = check_exponent(self.exponent(w), f"{where} weight")
+        return IntegerWeights(to_mantissa(w, s_w, self.bits),
+                              torch.full((w.shape[0],), s_w, dtype=torch.int32))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quantize(w, self.exponent(w), self.bits)

@@ -13,7 +13,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from tvmq.qat import lock_batchnorm
-from tvmq.quantizers import IntSEQuantizer
 
 
 def progress(**kw) -> Progress:
@@ -57,8 +56,8 @@ def calibrate(qat: nn.Module, batches: Iterable) -> nn.Module:
     statistics are those of the deployed arithmetic. ``batches`` yields inputs or (x, y)."""
     lock_batchnorm(qat)
     qat.eval()
-    for m in qat.modules():  # only the activation observers learn
-        if isinstance(m, IntSEQuantizer):
+    for m in qat.modules():  # only the activation observers learn (every scheme's has observe)
+        if hasattr(m, "observe"):
             m.train()
     for batch in batches:
         qat(batch[0] if isinstance(batch, (tuple, list)) else batch)

@@ -1,0 +1,39 @@
+"""Lowerings of ``tvmq.ternary_conv2d`` (combined-ternary weights, seed 000).
+
+- ``int8-fold``: ``Σ_i terms[i] << term_shift[i]`` folded at build time into int8 weights
+  (|w| ≤ 96 by construction) and run on the int8 conv kernel with a shift per channel.
+- ``bitserial``: activations as bit planes, each term as a (+1, -1) mask pair, AND +
+  popcount (``topi_ops.bitserial``), for inputs known to be unsigned with few bits.
+
+Pattern in: ``tvmq_ternary_conv2d_N(x, terms, term_shift, bias, shift)`` (composite, scalar
+attributes ``stride, padding, dilation, groups, lo, hi, in_bits``). Result out: ``call_tir``
+of the chosen kernel.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from relay_passes.lower_composites import LOWERINGS, _constant, int8_conv
+from topi_ops import conv2d as conv_ops
+
+
+def fold_terms(terms: np.ndarray, term_shift: np.ndarray) -> np.ndarray:
+    """``Σ_i terms[i] << term_shift[i]`` per filter as int8 (exact: |w| ≤ K·2^5)."""
+    view = (terms.shape[0], -1) + (1,) * (terms.ndim - 2)
+    folded = (terms.astype(np.int32) << term_shift.reshape(view)).sum(0)
+    assert np.abs(folded).max(initial=0) <= 127, "ternary fold exceeds int8"
+    return folded.astype(np.int8)
+
+
+def _lower_int8_fold(bb, args, attrs, target, node):
+    stride, padding, dilation, groups, lo, hi, _in_bits = attrs
+    x, terms, term_shift, bias, shift = args
+    weight = fold_terms(_constant(terms, "the terms", node),
+                        _constant(term_shift, "the term shifts", node))
+    params = conv_ops.Conv2dParams(tuple(stride), tuple(padding), tuple(dilation), groups,
+                                   None, lo=lo, hi=hi)
+    return int8_conv(bb, x, weight, _constant(bias, "the bias", node),
+                     _constant(shift, "the shifts", node), params, target)
+
+
+LOWERINGS["tvmq.ternary_conv2d"] = {"int8-fold": _lower_int8_fold}
