@@ -12,13 +12,13 @@ from relay_passes.lower_composites import LowerTvmqComposites
 from relay_passes.verify_integer import VerifyIntegerOnly
 
 
-def lowering_passes(target: tvm.target.Target) -> list:
+def lowering_passes(target: tvm.target.Target, plan: dict | None = None) -> list:
     """Phase 1: quantized composites -> integer kernels, then prove integer-only.
 
     Runs before FoldConstant/LegalizeOps/FuseOps: those would fold integer weights back to
     float or drop the composite attributes.
     """
-    return [LowerTvmqComposites(target), relax.transform.DeadCodeElimination(["main"]),
+    return [LowerTvmqComposites(target, plan), relax.transform.DeadCodeElimination(["main"]),
             VerifyIntegerOnly()]
 
 

@@ -24,7 +24,7 @@ from tvm import relax
 
 from schedules.targets import is_host, resolve
 from schedules.tuning import open_database
-from tvmq import frontend
+from tvmq import frontend, lowering_plan
 from tvmq.compile import compile_relax, export_library
 from tvmq.errors import ArtifactError, ModelFileError
 
@@ -41,7 +41,8 @@ def export(deploy: torch.nn.Module, example: torch.Tensor, path: str | None = No
     atomically when given, with the recipe inside."""
     ep = torch.export.export(deploy.eval(), (example,))
     recipe = getattr(deploy, "tvmq_recipe", None)
-    ep.tvmq_info = {"model": name, "recipe": recipe.to_json() if recipe else None}
+    ep.tvmq_info = {"model": name, "recipe": recipe.to_json() if recipe else None,
+                    "layers": getattr(deploy, "tvmq_layers", [])}
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +139,19 @@ def _run_vm(vm, x) -> torch.Tensor:
     return torch.from_numpy(vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x))).numpy())
 
 
+def _plan_cache() -> Path:
+    from tvmq.default_model import cache_dir
+
+    return cache_dir() / "lowering-plan"
+
+
+def _layer_rows(layers: list[dict], lowering: dict) -> list[dict]:
+    """The export's per-layer table with the kernel each layer got and why."""
+    by_module = {v["module"]: v for v in lowering.values()}
+    return [{**row, **{k: by_module[row["module"]][k] for k in ("lowering", "reason", "op")}}
+            if row.get("module") in by_module else row for row in layers]
+
+
 def parity_inputs(example: torch.Tensor, count: int, inputs=None, seed: int = 0):
     """``count`` inputs shaped like ``example``: from ``inputs`` (e.g. test images) when
     given, else standard normal noise scaled to the example's spread."""
@@ -151,14 +165,17 @@ def parity_inputs(example: torch.Tensor, count: int, inputs=None, seed: int = 0)
 
 def build(model, example: torch.Tensor | None = None, target="x86", out: str | Path = "build",
           *, name: str | None = None, parity: int = 64, parity_data=None,
-          accuracy_data=None, extra: dict | None = None, db: str | Path | None = None) -> Artifact:
+          accuracy_data=None, extra: dict | None = None, db: str | Path | None = None,
+          lowerings: dict | None = None) -> Artifact:
     """Compile a deploy model (or an ExportedProgram, or a ``.pt2`` path) for ``target``.
 
     The graph is also built for this machine and run on ``parity`` inputs against the
     PyTorch integer reference; the counts go into the manifest. With ``accuracy_data``
     (images, labels) the compiled graph's top-1 accuracy is measured too. ``extra`` is
     merged into the manifest. ``db``: a tuning database directory (``tvmq.tune``) for
-    ``target``; its kernels replace the default schedules.
+    ``target``; its kernels replace the default schedules. ``lowerings``: ``{layer module or
+    node: lowering}`` forces a kernel where a scheme has several (default: the fastest,
+    measured on this host or estimated for a board; the manifest's ``layers`` say which).
     """
     start = time.perf_counter()
     tgt = resolve(target)
@@ -177,8 +194,10 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
 
     mod = frontend.import_exported_program(ep)
     database = open_database(db, tgt) if db is not None else None
-    ex = compile_relax(mod, tgt, database)
-    host_ex = ex if is_host(tgt) else compile_relax(mod, resolve("x86"))
+    lowering = lowering_plan.plan(mod, tgt, _plan_cache(), lowerings)
+    ex = compile_relax(mod, tgt, database, lowering)
+    # the parity check runs the same kernels (same lowerings) built for this host
+    host_ex = ex if is_host(tgt) else compile_relax(mod, resolve("x86"), plan=lowering)
 
     reference = ep.module()
     vm = relax.VirtualMachine(host_ex, tvm.cpu())
@@ -222,6 +241,7 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
                       "int_weight_bytes": weights, "float_weight_bytes": 4 * weights},
             "build_seconds": round(time.perf_counter() - start, 2),
             "tuning_db": str(db) if db is not None else None,
+            "layers": _layer_rows(info.get("layers") or [], lowering),
             **extra,
         }
         manifest["checksums"] = {f: _sha256(tmp / f) for f in (LIBRARY, PARITY)}

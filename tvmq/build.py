@@ -72,13 +72,49 @@ def load_model(model: str | None, scheme: str, quiet: bool, data_dir: str | None
     raise ModelFileError(f"model {model!r}: not a zoo name ({', '.join(zoo.ZOO)}) nor a .pt2 file")
 
 
+def scheme_summary(manifest: dict) -> str:
+    """The recipe in one line, in its scheme's own words (from the registry)."""
+    from tvmq.schemes import get_recipe, Recipe
+
+    recipe = manifest.get("recipe")
+    if not recipe:
+        return str(manifest.get("scheme"))
+    r = Recipe.from_json(recipe)
+    text = r.default.scheme.describe(r.default)
+    if r.overrides:
+        text += f"; overrides: {', '.join(f'{k}={v}' for k, v in r.overrides)}"
+    return text
+
+
+def layer_summary(layers: list[dict]) -> list[tuple[str, str]]:
+    """Report rows: the layers kept at other weights than the default, and the kernels."""
+    rows = []
+    specs = [row["weights"] for row in layers]
+    if specs:
+        common = max(set(specs), key=specs.count)
+        others = [f"{row['layer']} ({row['weights']})" for row in layers
+                  if row["weights"] != common]
+        if others:
+            rows.append(("layers not " + common, ", ".join(others)))
+    kernels: dict[str, int] = {}
+    for row in layers:
+        if "lowering" in row:
+            kernels[row["lowering"]] = kernels.get(row["lowering"], 0) + 1
+    if kernels:
+        rows.append(("kernels", ", ".join(f"{k}: {n} layer(s)" for k, n in kernels.items())
+                     + " (manifest 'layers' says why)"))
+    return rows
+
+
 def report(art: Artifact) -> Table:
     m = art.manifest
     table = Table(title=f"tvmq build -> {art.path}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("model", m["model"])
-    table.add_row("scheme", str(m["scheme"]))
+    table.add_row("scheme", scheme_summary(m))
+    for label, text in layer_summary(m.get("layers") or []):
+        table.add_row(label, text)
     table.add_row("target", f"{m['target']['name']} ({m['target']['tvm'].get('mcpu', '')})")
     labels = {"float": "float model", "fake_quant": "QAT fake-quant",
               "deploy_torch": "deploy, PyTorch int ref", "deploy_tvm": "deploy, TVM (this host)"}
@@ -103,7 +139,11 @@ def main(argv=None) -> int:
     ap.add_argument("model", nargs="?", help="zoo name, .pt2 file, or nothing for the default")
     ap.add_argument("--target", default="x86", help=f"one of {', '.join(TARGETS)}")
     ap.add_argument("--out", default=None, help="artifact directory (default build/MODEL-TARGET)")
-    ap.add_argument("--scheme", default="int-se", help=f"for zoo/default models: {', '.join(SCHEMES)}")
+    ap.add_argument("--scheme", default="int-se",
+                    help="for zoo/default models: a scheme spec NAME[:ARGS] ("
+                    + "; ".join(f"{n}: {s.config.__doc__.strip().splitlines()[0]}"
+                                for n, s in SCHEMES.items())
+                    + ") or a recipe JSON file {layer: spec}")
     ap.add_argument("--parity", type=int, default=64, help="inputs in the local parity check")
     ap.add_argument("--data", help="zoo models: calibrate and check parity on a local dataset"
                     " (resnet20: CIFAR-10 python batches; resnet18: an ImageNet-style folder)")

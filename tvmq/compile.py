@@ -31,14 +31,19 @@ class ApplyDefaultSchedules:
         return apply_memory_bound_schedules(mod, self.target)  # everything else
 
 
-def graph_passes(target: tvm.target.Target) -> list:
-    """Phases 1-2: what tuning extracts its tasks from, and phase 3 schedules."""
-    return [*lowering_passes(target), *legalize_passes(target)]
+def graph_passes(target: tvm.target.Target, plan: dict | None = None) -> list:
+    """Phases 1-2: what tuning extracts its tasks from, and phase 3 schedules. ``plan``:
+    ``{node: lowering name}`` (``tvmq.lowering_plan``) where an op has several kernels."""
+    return [*lowering_passes(target, _names(plan)), *legalize_passes(target)]
 
 
-def lower_graph(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def _names(plan: dict | None) -> dict:
+    return {k: (v["lowering"] if isinstance(v, dict) else v) for k, v in (plan or {}).items()}
+
+
+def lower_graph(mod: tvm.IRModule, target: tvm.target.Target, plan=None) -> tvm.IRModule:
     with target:
-        return tvm.transform.Sequential(graph_passes(target))(mod)
+        return tvm.transform.Sequential(graph_passes(target, plan))(mod)
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyTuningDatabase")
@@ -52,14 +57,14 @@ class ApplyTuningDatabase:
         return apply_database(mod, self.target, self.database)
 
 
-def pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
+def pipeline(target: tvm.target.Target, database=None, plan=None) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="tvmq")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             return tvm.transform.Sequential([
                 # Phase 1. tvmq composites -> integer kernels; verify integer only
                 # Phase 2. TVM legalization and fusion of what remains
-                *graph_passes(target),
+                *graph_passes(target, plan),
                 # Phase 3. tuned schedules from the database, default schedules for the rest
                 *([ApplyTuningDatabase(target, database)] if database is not None else []),
                 ApplyDefaultSchedules(target),
@@ -71,9 +76,10 @@ def pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
 
 
 def compile_relax(mod: tvm.IRModule, target: tvm.target.Target,
-                  database=None) -> relax.Executable:
-    """Compile with tvmq's pipeline; ``database``: a tuning database (schedules.tuning)."""
-    return tvm.compile(mod, target, relax_pipeline=pipeline(target, database))
+                  database=None, plan=None) -> relax.Executable:
+    """Compile with tvmq's pipeline; ``database``: a tuning database (schedules.tuning);
+    ``plan``: the lowering of each node that has several (``tvmq.lowering_plan``)."""
+    return tvm.compile(mod, target, relax_pipeline=pipeline(target, database, plan))
 
 
 def export_library(ex: relax.Executable, target: tvm.target.Target, path: str) -> None:

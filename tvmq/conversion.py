@@ -104,6 +104,24 @@ def output_quantizers(qat: fx.GraphModule):
     return result
 
 
+def _describe_act(q) -> str:
+    lo, hi = q.qrange()
+    kind = type(q).__name__.replace("Quantizer", "")
+    return f"{kind} {'unsigned' if lo == 0 else 'signed'} [{lo}, {hi}]"
+
+
+def layer_table(qat: fx.GraphModule) -> list[dict]:
+    """What each weighted layer runs as: its name in the float model, the deploy module,
+    the scheme of its weights and its output, whether a recipe kept it at 8 bits."""
+    rows = []
+    for module, m in qat.named_children():
+        if isinstance(m, _QWeighted):
+            rows.append({"layer": m.layer_name, "module": module,
+                         "weights": m.scheme.weight.spec, "output": _describe_act(m.out_quant),
+                         "scheme": m.scheme.act.spec})
+    return rows
+
+
 def convert(qat: fx.GraphModule) -> fx.GraphModule:
     """The frozen integer deploy model of a trained/calibrated QAT model.
 
@@ -119,6 +137,7 @@ def convert(qat: fx.GraphModule) -> fx.GraphModule:
             src = qat.get_submodule(node.target)
             setattr(deploy, node.target, _convert_module(node.target, src))
     deploy.output_exponent = q_out.exponent
+    deploy.tvmq_layers = layer_table(qat)
     if recipe.output == "float":
         out = next(n for n in deploy.graph.nodes if n.op == "output")
         deploy.add_submodule("tvmq_output", Dequantize(q_out.exponent))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import sklearn
 import torch
 
-from tvmq import conversion as convert_mod, data, qat as qat_mod, quantizers, schemes, training as train_mod, zoo
+from tvmq import conversion as convert_mod, data, integer, qat as qat_mod, quantizers, schemes, training as train_mod, zoo
 from tvmq.artifact import export, load_program
 
 HYPER = {"float_epochs": 12, "qat_epochs": 8, "lr": 2e-3, "qat_lr": 1e-3, "seed": 0,
@@ -28,8 +29,10 @@ def cache_dir() -> Path:
 
 def _key(scheme: str) -> str:
     h = hashlib.sha256()
-    for module in (zoo, data, qat_mod, quantizers, schemes, train_mod, convert_mod):
+    for module in (zoo, data, qat_mod, quantizers, train_mod, convert_mod, integer):
         h.update(Path(module.__file__).read_bytes())
+    for path in sorted(Path(schemes.__file__).parent.glob("*.py")):  # every scheme
+        h.update(path.read_bytes())
     h.update(json.dumps([HYPER, scheme, torch.__version__, sklearn.__version__]).encode())
     return h.hexdigest()[:16]
 
@@ -53,7 +56,7 @@ def train_default(scheme: str = "int-se", quiet: bool = False):
 
 def default_program(scheme: str = "int-se", quiet: bool = False):
     """(ExportedProgram of the trained default deploy model, accuracies), cached."""
-    entry = cache_dir() / f"digits-{scheme.replace(':', '_')}-{_key(scheme)}"
+    entry = cache_dir() / f"digits-{re.sub(r'[^A-Za-z0-9_.-]', '_', scheme)}-{_key(scheme)}"
     try:
         info = json.loads((entry / "info.json").read_text())
         return load_program(entry / "model.pt2"), info["accuracy"]

@@ -39,8 +39,9 @@ def _make_converter(op: str):
         scalars = [a for a in node.args if not isinstance(a, fx.Node)]
         bb = relax.BlockBuilder()
         params = [relax.Var(f"t{i}", t.ty) for i, t in enumerate(tensors)]
+        stack = list(node.meta.get("nn_module_stack", {}).values())
         attrs = {"Composite": f"tvmq.{op}", "tvmq.attrs": json.dumps(scalars),
-                 "tvmq.node": node.name}
+                 "tvmq.node": node.name, "tvmq.module": stack[-1][0] if stack else ""}
         with bb.function(f"tvmq_{op}", params, attrs=attrs, private=True):
             with bb.dataflow():
                 out = bb.emit_output(body(bb, *params, *scalars))

@@ -39,6 +39,7 @@ class SchemeConfig:
     ``positional`` names the fields ``NAME:a,b`` fills in order."""
 
     positional: ClassVar[tuple[str, ...]] = ()
+    always_shown: ClassVar[tuple[str, ...]] = ()  # positional fields the spec always names
     scheme: ClassVar["Scheme"]
 
     @property
@@ -48,7 +49,8 @@ class SchemeConfig:
         every other field that differs."""
         defaults, pos = type(self)(), list(self.positional)
         differs = [f.name for f in dataclasses.fields(self)
-                   if getattr(self, f.name) != getattr(defaults, f.name)]
+                   if getattr(self, f.name) != getattr(defaults, f.name)
+                   or f.name in self.always_shown]
         last = max((pos.index(p) for p in differs if p in pos), default=-1)
         args = [str(getattr(self, p)) for p in pos[:last + 1]]
         args += [f"{n}={getattr(self, n)}" for n in differs if n not in pos]

@@ -278,6 +278,7 @@ class CombinedTernaryConfig(TernaryConfig):
     """``combined-ternary:K[,act_bits=N]``: K = 2 or 3 ternary terms."""
 
     positional = ("terms",)
+    always_shown = ("terms",)
     terms: int = 2
     act_bits: int = 2
 

@@ -1,0 +1,105 @@
+"""Which kernel each quantized layer runs as: the lowering plan of a build.
+
+Most tvmq ops have one lowering. A scheme's op may have several (``relay_passes.LOWERINGS``:
+``tvmq.ternary_conv2d`` runs as ``int8-fold`` or ``bitserial``); the plan picks per layer by
+speed: *measured* on this host for host targets (each candidate compiled alone with tvmq's
+pipeline and timed), *estimated* for boards (Cortex-A72 cycles of the kernel's hot loop from
+``llvm-mca``, ``schedules.estimate``). Same-shaped layers are measured once; results are
+cached under ``$TVMQ_CACHE/lowering-plan`` by a hash of the workload, target and code. The
+plan and each reason go into the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from relay_passes import alternatives, composite_calls
+from schedules.targets import is_host
+
+TIMING = {"number": 20, "repeat": 5}
+
+
+def _workload(composite, call, scalars, target) -> str:
+    shapes = [[int(d) for d in a.ty.shape] for a in call.args]
+    h = hashlib.sha256(json.dumps([composite, shapes, scalars, str(target)]).encode())
+    for module in ("relay_passes.lower_composites", "relay_passes.lower_ternary",
+                   "topi_ops.conv2d", "topi_ops.bitserial", "schedules.default"):
+        try:
+            h.update(Path(__import__(module, fromlist=["_"]).__file__).read_bytes())
+        except ImportError:
+            pass
+    return h.hexdigest()[:20]
+
+
+def _one_op_module(mod: tvm.IRModule, call: relax.Call) -> tvm.IRModule:
+    """``main(x) = composite(x, constants...)``: the layer alone, for timing."""
+    x = call.args[0]
+    param = relax.Var("x", x.ty)
+    bb = relax.BlockBuilder()
+    composite = mod[call.op]
+    with bb.function("main", [param]):
+        with bb.dataflow():
+            gv = bb.add_func(composite, call.op.name_hint)
+            out = bb.emit_output(relax.Call(gv, [param, *call.args[1:]]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _cost(one: tvm.IRModule, node: str, lowering: str, target) -> tuple[float, str]:
+    from tvmq.compile import compile_relax
+
+    if is_host(target):
+        ex = compile_relax(one, target, plan={node: lowering})
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        shape = [int(d) for d in one["main"].params[0].ty.shape]
+        x = tvm.runtime.tensor(np.zeros(shape, dtype=str(one["main"].params[0].ty.dtype)))
+        t = vm.time_evaluator("main", tvm.cpu(), **TIMING)(x)
+        return t.median * 1e3, "ms measured"
+    from schedules.estimate import estimate_module
+
+    return estimate_module(one, node, lowering, target), "cycles estimated (llvm-mca)"
+
+
+def plan(mod: tvm.IRModule, target, cache: Path | None = None, prefer: dict | None = None,
+         ) -> dict[str, dict]:
+    """``{node: {"lowering", "reason", "module", "costs"}}`` for every tvmq composite call
+    of ``mod``; ``prefer`` = ``{node or module: lowering}`` forces a choice."""
+    prefer = prefer or {}
+    result = {}
+    for node, composite, call, scalars in composite_calls(mod):
+        module = str((mod[call.op].attrs or {}).get("tvmq.module", ""))
+        rules = alternatives(composite)
+        forced = prefer.get(node) or prefer.get(module)
+        if forced or len(rules) == 1:
+            name = forced or next(iter(rules))
+            result[node] = {"lowering": name, "module": module, "op": composite,
+                            "reason": "chosen by the user" if forced else "the only lowering"}
+            continue
+        key = _workload(composite, call, scalars, target)
+        path = cache / f"{key}.json" if cache else None
+        costs = None
+        if path is not None and path.is_file():
+            try:
+                costs = json.loads(path.read_text())
+            except ValueError:
+                costs = None
+        if costs is None:
+            one = _one_op_module(mod, call)
+            costs = {}
+            for name in rules:
+                value, unit = _cost(one, node, name, target)
+                costs[name] = {"value": value, "unit": unit}
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(costs))
+        best = min(costs, key=lambda n: costs[n]["value"])
+        unit = costs[best]["unit"]
+        reason = ", ".join(f"{n} {c['value']:.4g}" for n, c in costs.items()) + f" ({unit})"
+        result[node] = {"lowering": best, "module": module, "op": composite, "reason": reason,
+                        "costs": costs}
+    return result
