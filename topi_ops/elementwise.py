@@ -11,14 +11,15 @@ from topi_ops.requantize import round_shift, saturate
 
 
 def quantize(data: te.Tensor, exponent: int, bits: int) -> te.Tensor:
-    """float32 -> int8: ``saturate(floor(x * 2^-e + 0.5))`` (the graph's one float input)."""
+    """float32 -> int8: ``saturate(floor(x * 2^-e + 0.5))`` (the graph's one float input);
+    NaN -> 0, ±inf saturate (as ``tvmq.ops.quantize``)."""
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
     def f(*i):
-        v = tirx.floor(data(*i) * tirx.const(2.0 ** -exponent, "float32")
-                       + tirx.const(0.5, "float32"))
+        x = data(*i)
+        v = tirx.floor(x * tirx.const(2.0 ** -exponent, "float32") + tirx.const(0.5, "float32"))
         v = tirx.max(tirx.min(v, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
-        return v.astype("int8")
+        return tirx.if_then_else(tirx.isnan(x), tirx.const(0, "int8"), v.astype("int8"))
 
     return te.compute(data.shape, f, name="tvmq_quantize", tag="elemwise")
 

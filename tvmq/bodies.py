@@ -48,6 +48,7 @@ def _saturate(bb, x, bits, relu=False):
 def _body_quantize(bb, x, exponent, bits):
     scaled = bb.emit(R.multiply(x, _const(2.0 ** -exponent, "float32")))
     rounded = bb.emit(R.floor(R.add(scaled, _const(0.5, "float32"))))
+    rounded = bb.emit(R.where(R.isnan(x), _const(0.0, "float32"), rounded))  # NaN -> 0
     lo, hi = qrange(bits)
     return bb.emit(R.astype(R.clip(rounded, lo, hi), "int8"))
 

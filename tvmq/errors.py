@@ -11,7 +11,9 @@ from schedules.tuning import TuningDatabaseError
 from tvmq.conversion import AccumulatorOverflowError
 from tvmq.data import DatasetError
 from tvmq.qat import UnsupportedOpError
-from tvmq.quantizers import ExponentRangeError
+from tvmq.quantizers import ExponentRangeError, NonFiniteError
+from tvmq.schemes.ternary import ZeroSpreadError
+from tvmq.training import CalibrationError
 from tvmq.schemes import UnknownSchemeError
 
 
@@ -30,4 +32,5 @@ class ToolchainError(RuntimeError):
 USER_ERRORS = (UnsupportedOpError, AccumulatorOverflowError, ExponentRangeError,
                UnknownSchemeError, UnknownTargetError, LoweringError, FloatOpError,
                ModelFileError, ArtifactError, ToolchainError, DatasetError,
-               BoardError, BoardStartError, BoardBuildError, TuningDatabaseError)
+               BoardError, BoardStartError, BoardBuildError, TuningDatabaseError,
+               NonFiniteError, ZeroSpreadError, CalibrationError)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tvmq.quantizers import ExponentRangeError
+from tvmq.quantizers import ExponentRangeError, check_finite
 
 INT32_MAX = (1 << 31) - 1
 
@@ -88,6 +88,7 @@ def per_channel_requant(name: str, iw: IntegerWeights, bias: torch.Tensor, s_in:
     The accumulator of channel ``f`` has exponent ``s_in + exponent[f]``; the bias is rounded
     onto it (half up, as the integer graph rounds) and the output shift is
     ``s_out - (s_in + exponent[f])``."""
+    check_finite(bias, f"layer {name!r} bias")
     s_t = s_in + iw.exponent.to(torch.int64)
     shift = s_out - s_t
     for f, p in enumerate(shift.tolist()):

@@ -73,10 +73,12 @@ def _conv_i32(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, group
 # ----------------------------------------------------------------------------- boundary
 @torch.library.custom_op("tvmq::quantize", mutates_args=())
 def quantize(x: torch.Tensor, exponent: int, bits: int) -> torch.Tensor:
-    """Float input -> int8 mantissa at ``exponent``: ``saturate(floor(x * 2^-e + 0.5))``."""
+    """Float input -> int8 mantissa at ``exponent``: ``saturate(floor(x * 2^-e + 0.5))``.
+
+    Defined for every float: ±inf saturate, NaN becomes 0 (the kernels do the same)."""
     scaled = torch.floor(x.float() * (2.0 ** -exponent) + 0.5)
     lo, hi = qrange(bits)
-    return scaled.clamp(lo, hi).to(torch.int8)
+    return torch.nan_to_num(scaled, nan=0.0).clamp(lo, hi).to(torch.int8)
 
 
 @quantize.register_fake
@@ -202,9 +204,10 @@ def _(x):
 @torch.library.custom_op("tvmq::qmax_pool2d", mutates_args=())
 def qmax_pool2d(x: torch.Tensor, kernel: list[int], stride: list[int],
                 padding: list[int]) -> torch.Tensor:
-    """Max pool on integers (exact; padding never wins: it is the type's minimum)."""
+    """Max pool on integers (exact). Padding is the type's minimum (-128): it never wins
+    against a real value, and a window made only of padding gives -128, as in the kernel."""
     top, left, bottom, right = padding
-    xi = F.pad(x.to(I32), (left, right, top, bottom), value=-(1 << 30))
+    xi = F.pad(x.to(I32), (left, right, top, bottom), value=-128)
     return F.max_pool2d(xi.double(), kernel, stride).to(torch.int8)
 
 

@@ -21,6 +21,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from topi_ops.pool import avg_pool_multiplier
+from tvmq.quantizers import round_half_up
 from tvmq.schemes import LayerScheme, Recipe, get_recipe
 
 
@@ -76,6 +78,12 @@ class _QWeighted(nn.Module):
         b = bn.bias + (b - bn.running_mean) * scale
         return w, b
 
+    def _bias(self, b):
+        """The bias as the deploy model adds it (its scheme's rounding)."""
+        s_in = self.input_quant[0].last_exponent if self.input_quant else None
+        return self.scheme.weight.scheme.fake_bias(self.scheme.weight, b, s_in,
+                                                   self.weight_quant)
+
     def _finish(self, y):
         if self.bn is not None and not self.bn_locked:
             y = self.bn(y)
@@ -97,7 +105,8 @@ class QConv2d(_QWeighted):
 
     def forward(self, x):
         w, b = self.folded()
-        y = F.conv2d(x, self.weight_quant(w), b, self.stride, self.padding, self.dilation,
+        wq = self.weight_quant(w)
+        y = F.conv2d(x, wq, self._bias(b), self.stride, self.padding, self.dilation,
                      self.groups)
         return self._finish(y)
 
@@ -107,7 +116,8 @@ class QLinear(_QWeighted):
 
     def forward(self, x):
         w, b = self.folded()
-        return self._finish(F.linear(x, self.weight_quant(w), b))
+        wq = self.weight_quant(w)
+        return self._finish(F.linear(x, wq, self._bias(b)))
 
 
 class QAdd(nn.Module):
@@ -121,8 +131,18 @@ class QAdd(nn.Module):
         self.input_quant: tuple[nn.Module, ...] = ()
 
     def forward(self, a, b):
+        """As the integer kernel: each input rounded (half up) onto the output's grid, then
+        the integer sum saturated -- not the float sum rounded once."""
         y = a + b
-        return self.out_quant(F.relu(y) if self.relu else y)
+        y = F.relu(y) if self.relu else y
+        s = self.out_quant.step(y)
+        if s is None:
+            return y
+        lo, hi = self.out_quant.qrange()
+        scale = 2.0 ** s
+        q = torch.clamp(round_half_up(a / scale) + round_half_up(b / scale),
+                        0 if self.relu else lo, hi) * scale
+        return y + (q - y).detach()
 
 
 class QReLU(nn.Module):
@@ -159,12 +179,18 @@ class QAvgPool2d(nn.Module):
         return list(self.kernel), list(self.stride or self.kernel)
 
     def forward(self, x):
+        """As the integer kernel: the window's integer sum times ``round(2^16 / n)``, shifted
+        back with rounding half up (a plain shift when ``n`` is a power of two)."""
         self.input_hw = tuple(x.shape[-2:])
         kernel, stride = self.window(self.input_hw)
         y = F.avg_pool2d(x, kernel, stride)
         (q,) = self.input_quant
         s = q.last_exponent
-        return y + (torch.round(y / 2.0**s) * 2.0**s - y).detach()
+        total = F.avg_pool2d(x.detach().double() / 2.0**s, kernel, stride, divisor_override=1)
+        mult, shift = avg_pool_multiplier(kernel[0] * kernel[1])
+        lo, hi = q.qrange()
+        mean = torch.clamp(round_half_up(torch.round(total) * mult / 2.0**shift), lo, hi)
+        return y + (mean.to(y.dtype) * 2.0**s - y).detach()
 
 
 # ----------------------------------------------------------------------------- prepare

@@ -28,6 +28,23 @@ class ExponentRangeError(ValueError):
     """A tensor's shared exponent fell outside what the integer datapath supports."""
 
 
+class NonFiniteError(ValueError):
+    """A weight or an activation seen in calibration/training is NaN or infinite."""
+
+
+def check_finite(x: torch.Tensor, where: str) -> None:
+    """Refuse NaN/inf: one would give a meaningless exponent and a model that is silently
+    wrong (its reference equally so, so parity would still pass)."""
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x)).sum().item()
+        raise NonFiniteError(f"{where}: {bad} of {x.numel()} values are NaN or infinite")
+
+
+def round_half_up(x: torch.Tensor) -> torch.Tensor:
+    """``floor(x + 1/2)``: the integer graph's rounding (``round_shift``), in float."""
+    return torch.floor(x + 0.5)
+
+
 def qrange(bits: int) -> tuple[int, int]:
     """Signed ``bits``-bit integer range."""
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -47,18 +64,20 @@ def covering_exponent(absmax: float, bits: int) -> int:
     return s
 
 
-def fake_quantize(x: torch.Tensor, exponent: int, bits: int) -> torch.Tensor:
-    """``clamp(round(x / 2^s)) * 2^s`` in float, with a straight-through gradient."""
-    lo, hi = qrange(bits)
+def fake_quantize(x: torch.Tensor, exponent: int, bits: int, lo: int | None = None
+                  ) -> torch.Tensor:
+    """``clamp(round_half_up(x / 2^s)) * 2^s`` in float, with a straight-through gradient:
+    the integer graph's requantization, so QAT trains the arithmetic it deploys."""
+    qlo, hi = qrange(bits)
     scale = 2.0**exponent
-    q = torch.clamp(torch.round(x / scale), lo, hi) * scale
+    q = torch.clamp(round_half_up(x / scale), qlo if lo is None else lo, hi) * scale
     return x + (q - x).detach()
 
 
 def to_mantissa(x: torch.Tensor, exponent: int, bits: int) -> torch.Tensor:
-    """Integer mantissa ``D`` of ``x`` at ``exponent`` (round half to even, as in training)."""
+    """Integer mantissa ``D`` of ``x`` at ``exponent`` (round half up, as in training)."""
     lo, hi = qrange(bits)
-    return torch.clamp(torch.round(x.detach() / 2.0**exponent), lo, hi).to(torch.int32)
+    return torch.clamp(round_half_up(x.detach() / 2.0**exponent), lo, hi).to(torch.int32)
 
 
 @torch.no_grad()
@@ -111,6 +130,7 @@ class IntSEQuantizer(nn.Module):
         return (0 if self.nonneg else lo), hi
 
     def observe(self, x: torch.Tensor) -> int:
+        check_finite(x, f"layer {getattr(self, 'layer', '?')!r} activations")
         s = choose_exponent(x, self.bits)
         if torch.isnan(self.running_exponent):
             self.running_exponent.fill_(s)
@@ -118,10 +138,14 @@ class IntSEQuantizer(nn.Module):
             self.running_exponent.lerp_(torch.tensor(float(s)), self.momentum)
         return s
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor) -> int:
+        """The exponent for ``x``: observed (training) or frozen (eval)."""
         s = self.observe(x) if self.training else self.exponent
         self.last_exponent = s
-        return fake_quantize(x, s, self.bits)
+        return s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self.step(x), self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
@@ -141,12 +165,14 @@ class IntSEWeightQuantizer(nn.Module):
         """Integer form for conversion: the mantissas and one exponent for every channel."""
         from tvmq.integer import IntegerWeights
 
+        check_finite(w, f"{where} weight")
         s_w = check_exponent(self.exponent(w), f"{where} weight")
         return IntegerWeights(to_mantissa(w, s_w, self.bits),
                               torch.full((w.shape[0],), s_w, dtype=torch.int32))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(w, self.exponent(w), self.bits)
+        self.last_exponent = self.exponent(w)
+        return fake_quantize(w, self.last_exponent, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

@@ -50,6 +50,10 @@ def train(qat: nn.Module, loader: Iterable, epochs: int = 12, lr: float = 2e-3,
     return qat.eval()
 
 
+class CalibrationError(ValueError):
+    """The calibration set cannot calibrate anything (it is empty)."""
+
+
 @torch.no_grad()
 def calibrate(qat: nn.Module, batches: Iterable) -> nn.Module:
     """Choose activation exponents from data (no weight update). BN is locked first so the
@@ -59,6 +63,11 @@ def calibrate(qat: nn.Module, batches: Iterable) -> nn.Module:
     for m in qat.modules():  # only the activation observers learn (every scheme's has observe)
         if hasattr(m, "observe"):
             m.train()
+    seen = 0
     for batch in batches:
         qat(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        seen += 1
+    if not seen:
+        raise CalibrationError("tvmq.calibrate: the calibration set was empty: pass at least"
+                               " one batch of inputs")
     return qat.eval()

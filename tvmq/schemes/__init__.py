@@ -120,6 +120,11 @@ class Scheme:
         provide ``exponent`` and ``qrange(nonneg)`` once frozen."""
         raise NotImplementedError
 
+    def fake_bias(self, cfg: SchemeConfig, bias, s_in: int | None, weight_quant):
+        """The bias as the deploy model adds it (rounded onto its integer grid), for QAT's
+        forward; ``s_in`` is the input's exponent in this forward. Default: unchanged."""
+        return bias
+
     def describe(self, cfg: SchemeConfig) -> str:
         """One line for the build report."""
         return cfg.spec

@@ -12,7 +12,7 @@ import torch
 
 from tvmq.integer import (IntConv2d, IntLinear, check_accumulator, shift_in_range)
 from tvmq.quantizers import (IntSEQuantizer, IntSEWeightQuantizer, check_exponent,
-                             covering_exponent, to_mantissa)
+                             check_finite, covering_exponent, fake_quantize, to_mantissa)
 from tvmq.schemes import Scheme, SchemeConfig, register_scheme
 
 
@@ -40,6 +40,12 @@ class IntSEConfig(SchemeConfig):
         return self.bits
 
 
+def bias_exponent(bias, s_t: int, cfg: IntSEConfig) -> int:
+    """IOIQ's bias rule: ``bias_bits`` mantissa, exponent within ``[s_t, s_t + window]``."""
+    s_b = covering_exponent(float(bias.detach().abs().max()), cfg.bias_bits)
+    return min(max(s_b, s_t), s_t + cfg.bias_window)
+
+
 def range_bits(lo: int, hi: int) -> tuple[int, bool]:
     """(bits, relu) of ``saturate`` that gives exactly ``[lo, hi]``: signed N-bit, or
     unsigned N-bit = signed (N+1)-bit from 0."""
@@ -60,6 +66,12 @@ class IntSE(Scheme):
     def act_quantizer(self, cfg: IntSEConfig, nonneg: bool):
         return IntSEQuantizer(cfg.bits)
 
+    def fake_bias(self, cfg: IntSEConfig, bias, s_in, weight_quant):
+        if s_in is None or weight_quant.last_exponent is None:
+            return bias
+        s_b = bias_exponent(bias, s_in + weight_quant.last_exponent, cfg)
+        return fake_quantize(bias, s_b, cfg.bias_bits)
+
     def integer_layer(self, m, io, cfg: IntSEConfig):
         """``m``: the QAT conv/linear; ``io``: its input/output exponents and ranges."""
         where = f"layer {io.name!r}"
@@ -68,8 +80,8 @@ class IntSE(Scheme):
             iw = m.weight_quant.integer(w, where)
             s_w = int(iw.exponent[0])
             s_t = io.s_in + s_w  # exponent of the accumulator
-            s_b = covering_exponent(float(b.abs().max()), cfg.bias_bits)
-            s_b = min(max(s_b, s_t), s_t + cfg.bias_window)
+            check_finite(b, f"{where} bias")
+            s_b = bias_exponent(b, s_t, cfg)
             b_int = to_mantissa(b, s_b, cfg.bias_bits)
         bias_shift = s_b - s_t
         out_shift = shift_in_range(io.s_out - s_t, where, "requantization shift")

@@ -30,7 +30,8 @@ from torch import nn
 
 from tvmq import bodies, ops
 from tvmq.integer import (Geometry, IntegerWeights, IntLinearPerChannel, per_channel_requant)
-from tvmq.quantizers import EXPONENT_RANGE, ExponentRangeError, IntSEQuantizer
+from tvmq.quantizers import (EXPONENT_RANGE, ExponentRangeError, IntSEQuantizer, check_finite,
+                             round_half_up)
 from tvmq.schemes import Scheme, SchemeConfig, register_scheme
 
 THRESHOLD = 0.7  # Δ = 0.7·mean|R| (TWN)
@@ -76,11 +77,22 @@ def fit_terms(w: torch.Tensor, k: int, threshold: float = THRESHOLD):
     return terms.reshape(k, *w.shape).to(w.dtype), exps, active
 
 
-def ternary_value(w: torch.Tensor, k: int) -> torch.Tensor:
+def ternary_value(w: torch.Tensor, k: int, fit=None) -> torch.Tensor:
     """``Σ α_i T_i`` with power-of-two ``α_i`` (float, exact)."""
-    terms, exps, active = fit_terms(w, k)
+    terms, exps, active = fit if fit is not None else fit_terms(w, k)
     alpha = torch.where(active, torch.pow(2.0, exps.double()), 0.0).to(w.dtype)
     return (terms * alpha.view(k, -1, *[1] * (w.dim() - 1))).sum(0)
+
+
+def filter_exponents(exps: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Each filter's ``e_min`` (the exponent of its integer weight); an all-zero filter
+    takes the layer's median (its weights are zero; only its shift must stay in range)."""
+    big = torch.iinfo(torch.int64).max
+    e_min = torch.where(active, exps, big).min(0).values
+    alive = active.any(0)
+    if not alive.any():
+        return torch.zeros_like(e_min)
+    return torch.where(alive, e_min, e_min[alive].median())
 
 
 class TernaryWeightQuantizer(nn.Module):
@@ -89,22 +101,20 @@ class TernaryWeightQuantizer(nn.Module):
     def __init__(self, terms: int):
         super().__init__()
         self.terms = terms
+        self.last_exponents: torch.Tensor | None = None  # e_min per filter, latest forward
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w + (ternary_value(w, self.terms) - w).detach()
+        fit = fit_terms(w, self.terms)
+        self.last_exponents = filter_exponents(fit[1], fit[2])
+        return w + (ternary_value(w, self.terms, fit) - w).detach()
 
     def integer(self, w: torch.Tensor, where: str) -> IntegerWeights:
         """Terms as int8, ``term_shift = e_i − e_min`` per filter, the folded int8 weight and
         ``e_min`` as each channel's exponent. An all-zero filter takes the layer's median
         exponent (its weights are zero; only its shift must stay in range)."""
+        check_finite(w, f"{where} weight")
         terms, exps, active = fit_terms(w, self.terms)
-        big = torch.iinfo(torch.int64).max
-        e_min = torch.where(active, exps, big).min(0).values
-        alive = active.any(0)
-        if not alive.any():
-            e_min = torch.zeros_like(e_min)
-        else:
-            e_min = torch.where(alive, e_min, e_min[alive].median())
+        e_min = filter_exponents(exps, active)
         lo, hi = EXPONENT_RANGE
         bad = ((e_min < lo) | (e_min > hi)).nonzero()
         if len(bad):
@@ -172,6 +182,7 @@ class BoxPlotQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
+        check_finite(x, f"layer {self.layer!r} activations")
         flat = x.detach().flatten().float()
         if flat.numel() > MAX_QUANTILE_ELEMENTS:
             flat = flat[:: flat.numel() // MAX_QUANTILE_ELEMENTS + 1]
@@ -181,16 +192,23 @@ class BoxPlotQuantizer(nn.Module):
         else:
             self.quartiles.lerp_(q, self.momentum)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor) -> int | None:
+        """The exponent for ``x``: observed (training) or frozen (eval); None while training
+        has seen only zeros (the value then passes through unquantized)."""
         if self.training:
             self.observe(x)
         clip = self.clip
-        if clip <= 0 and self.training:  # nothing to learn from yet: pass through
+        if clip <= 0 and self.training:
+            return None
+        self.last_exponent = self._exponent(clip)
+        return self.last_exponent
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.step(x)
+        if e is None:
             return x
-        e = self._exponent(clip)
-        self.last_exponent = e
         step = 2.0 ** e
-        q = torch.clamp(torch.floor(x / step + 0.5), 0, self.levels) * step
+        q = torch.clamp(round_half_up(x / step), 0, self.levels) * step
         return x + (q - x).detach()
 
     def extra_repr(self) -> str:
@@ -300,6 +318,13 @@ class Ternary(Scheme):
 
     def act_quantizer(self, cfg, nonneg: bool):
         return BoxPlotQuantizer(cfg.act_bits) if nonneg else IntSEQuantizer(8)
+
+    def fake_bias(self, cfg, bias, s_in, weight_quant):
+        """Rounded half up onto each channel's accumulator grid ``2^(s_in + e_min)``."""
+        if s_in is None or weight_quant.last_exponents is None:
+            return bias
+        step = torch.pow(2.0, (s_in + weight_quant.last_exponents).double()).to(bias.dtype)
+        return bias + (round_half_up(bias / step) * step - bias).detach()
 
     def integer_layer(self, m, io, cfg):
         where = f"layer {io.name!r}"
