@@ -6,6 +6,7 @@ Deadlines below are the server's own (handshake, queue, session timeouts) with g
 for a loaded machine; nothing measures speed."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -83,6 +84,7 @@ def _real_session(board, timeout: float = 120.0) -> dict:
         sess = rpc.connect(host, port, session_timeout=60)
         info = json.loads(sess.get_function("tvmq.board.info")())
         del sess
+        gc.collect()  # the session ends when its last reference goes
         return info
     return _in_thread(go, timeout)
 
@@ -238,7 +240,7 @@ def test_file_names_are_confined_to_the_session_directory(board, tmp_path):
                      lambda: sess.remove("../ok.txt"),
                      lambda: sess.load_module("../../lib/x.so"),
                      lambda: sess.download("a/../../etc/hostname")):
-            with pytest.raises(tvm.TVMError, match="not allowed"):
+            with pytest.raises(Exception, match="not allowed"):
                 call()
             refused.append(True)
         sess.remove("ok.txt")
@@ -250,9 +252,10 @@ def test_file_names_are_confined_to_the_session_directory(board, tmp_path):
 
 def test_session_directory_is_removed_after_a_killed_session(board):
     s = _open_session(board)  # an open session: its directory exists
-    assert _wait(lambda: len(_session_dirs(board)) == 1, MARGIN)
-    children = Path(f"/proc/{board.proc.pid}/task/{board.proc.pid}/children").read_text().split()
-    assert len(children) == 1, children
+    def children():
+        return Path(f"/proc/{board.proc.pid}/task/{board.proc.pid}/children").read_text().split()
+    assert _wait(lambda: len(_session_dirs(board)) == 1 and len(children()) == 1, MARGIN)
+    children = children()
     os.kill(int(children[0]), signal.SIGKILL)
     assert _wait(lambda: not _session_dirs(board), MARGIN), _session_dirs(board)
     s.close()

@@ -526,10 +526,10 @@ class Server {
     for (Pending& other : pending_) other.sock.Close();
     g_work_dir = dir;
     if (chdir(dir.c_str()) != 0) _exit(2);
-    // the client may ask for a shorter session than the server allows (-timeout=N)
-    int limit = opt_.session_timeout;
-    if (p->client_timeout > 0 && (limit == 0 || p->client_timeout < limit)) limit = p->client_timeout;
-    if (limit > 0) alarm(limit);
+    // the client may ask for a shorter session than the server allows (-timeout=N): SIGALRM
+    // ends it. The server's own limit is enforced by the parent (EnforceSessionDeadlines).
+    int limit = p->client_timeout;
+    if (limit > 0 && (opt_.session_timeout == 0 || limit < opt_.session_timeout)) alarm(limit);
     std::string server_key = "server:" + opt_.key;
     int code = kRPCMagic, slen = static_cast<int>(server_key.size());
     if (p->sock.SendAll(&code, 4) != 4 || p->sock.SendAll(&slen, 4) != 4 ||
@@ -578,7 +578,9 @@ class Server {
     tracker_next_ = now + 2;
     try {
       if (!tracker_.connected()) tracker_.Connect();
-      if (!tracker_.offered() && active() < opt_.max_sessions) {
+      int queued = static_cast<int>(
+          std::count_if(pending_.begin(), pending_.end(), [](const Pending& p) { return p.ready; }));
+      if (!tracker_.offered() && active() + queued < opt_.max_sessions) {
         expected_ = "client:" + tracker_.Put();
       } else if (tracker_.offered() && tracker_.KeyAbandoned()) {
         expected_ = "client:" + tracker_.Put();
