@@ -1,7 +1,8 @@
 """Processes that serve TVM RPC on this machine: the emulated Raspberry Pi (tvmq's aarch64
 server under ``qemu-aarch64``), a local x86 server (TVM's ``tvm.exec.rpc_server``) and a
 tracker (``tvm.exec.rpc_tracker``). Each binds 127.0.0.1 unless told otherwise, runs in its
-own process group (its session children die with it) and is a context manager.
+own process group (its session children die with it), dies with the Python process that
+started it (even a SIGKILLed one: ``PR_SET_PDEATHSIG``) and is a context manager.
 """
 from __future__ import annotations
 
@@ -29,6 +30,21 @@ class BoardStartError(RuntimeError):
     """A local server, tracker or emulated board did not start."""
 
 
+def _die_with_parent(parent_pid: int):
+    """preexec_fn: SIGTERM the started process when its parent dies, however it dies (Linux's
+    PR_SET_PDEATHSIG; a no-op elsewhere). The signal comes when the *thread* that started the
+    process ends: start servers from a thread that outlives them (the main thread does)."""
+    def preexec():
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    return preexec
+
+
 def free_port(host: str = LOCALHOST) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -45,7 +61,8 @@ class ServerProcess:
                                                 delete=False)
         # no shell in between: the PID is the server's own, its process group holds its children
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent(os.getpid()))
         deadline = time.monotonic() + startup_timeout
         while not re.search(ready, self.log()):
             if self.proc.poll() is not None:
@@ -89,9 +106,13 @@ class ServerProcess:
 
 
 def emulated_pi(cache_dir, *, port: int = 0, host: str = LOCALHOST, tracker: str | None = None,
-                key: str = "rpi4", target: str = "arm", progress=None) -> ServerProcess:
+                key: str = "rpi4", target: str = "arm", progress=None,
+                server_args: list[str] | tuple[str, ...] = ()) -> ServerProcess:
     """A Raspberry Pi emulated by ``qemu-aarch64`` (user mode) running tvmq's board server:
-    a real aarch64 TVM runtime answering real TVM RPC. Timings from it are emulated."""
+    a real aarch64 TVM runtime answering real TVM RPC. Timings from it are emulated.
+
+    ``server_args`` go to ``tvmq_rpc_server`` after ours (a later flag wins), e.g.
+    ``["--session-timeout", "60", "--max-sessions", "2", "--max-upload-mb", "64"]``."""
     if shutil.which(QEMU) is None:
         raise BoardStartError(f"{QEMU} not found: install Debian's qemu-user (./setup.sh does)")
     runtime = build_board_runtime(cache_dir, progress=progress)
@@ -102,9 +123,11 @@ def emulated_pi(cache_dir, *, port: int = 0, host: str = LOCALHOST, tracker: str
     port = port or free_port(host)
     label = f"emulated Raspberry Pi (qemu-aarch64 -cpu {cpu})"
     argv = [QEMU, "-cpu", cpu, "-L", AARCH64_SYSROOT, str(runtime / "tvmq_rpc_server"),
-            "--host", host, "--port", str(port), "--label", label]
+            "--host", host, "--port", str(port), "--label", label,
+            "--exit-with-parent"]  # an orphaned board would hold the port and its sessions
     if tracker:
         argv += ["--tracker", tracker, "--key", key]
+    argv += list(server_args)
     return ServerProcess(label, argv, host, port, ready=r"listening on")
 
 

@@ -43,6 +43,33 @@ RUNTIME_SOURCES = [
 ]
 EXCLUDED: set[str] = set()
 
+# sha256 of the aarch64 apache-tvm-ffi wheel per (version, python tag): the wheel's
+# libtvm_ffi.so runs on the board, so it is checked like any other code we ship. Add a row
+# (from a download you trust) when the host's tvm-ffi pin changes.
+AARCH64_FFI_WHEEL_SHA256 = {
+    ("0.1.14.post0", "cp311"):
+        "d1a011a0743acb88ffc650c70bfb1376fa90cb7196b042598c6d0c1e690ce185",
+}
+
+# Bounds the board needs in TVM's own RPC endpoint (rpc_endpoint.cc, shipped in the wheel):
+# it sizes strings from lengths in the packet *before* checking them against the packet, so a
+# short message announcing gigabytes would allocate them. Each patch adds the check in front;
+# a TVM upgrade that changes these lines fails the build loudly instead of losing the check.
+SOURCE_PATCHES = {
+    "rpc/rpc_endpoint.cc": [
+        ("      std::string data(size, '\\0');\n",
+         "      TVM_FFI_ICHECK_LE(size, pending_request_bytes_) << \"RPC string longer than its packet\";\n"
+         "      std::string data(size, '\\0');\n", 2),
+        ("      remote_key_->resize(len);\n",
+         "      TVM_FFI_ICHECK(len >= 0 && static_cast<uint64_t>(len) <= support::max_message_bytes)\n"
+         "          << \"RPC key length \" << len << \" out of bounds\";\n"
+         "      remote_key_->resize(len);\n", 1),
+        ("    client_protocol_ver.resize(len);\n",
+         "    TVM_FFI_ICHECK_LE(len, pending_request_bytes_) << \"RPC version longer than its packet\";\n"
+         "    client_protocol_ver.resize(len);\n", 1),
+    ],
+}
+
 
 class BoardBuildError(RuntimeError):
     """The board runtime could not be built (missing toolchain, sources or compile error)."""
@@ -81,7 +108,37 @@ def input_hash() -> str:
     h.update(" ".join(CXXFLAGS).encode())
     h.update(importlib.metadata.version("apache-tvm-ffi").encode())
     h.update(_compiler_version().encode())
+    h.update(repr(SOURCE_PATCHES).encode())
     return h.hexdigest()[:16]
+
+
+def _object_key(rel: str, patched: str) -> str:
+    """Cache key of one runtime object: its (patched) source and every header it may include
+    (ours, the wheel's via the versions), flags and compiler. The server is not an input."""
+    h = hashlib.sha256(patched.encode(errors="surrogateescape"))
+    h.update(rel.encode())
+    for path in _own_sources():
+        if "server" not in path.relative_to(OWN_SOURCES).parts:
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    h.update(" ".join(CXXFLAGS).encode())
+    h.update(importlib.metadata.version("apache-tvm").encode())
+    h.update(importlib.metadata.version("apache-tvm-ffi").encode())
+    h.update(_compiler_version().encode())
+    return h.hexdigest()[:24]
+
+
+def _apply_patches(src_runtime: Path) -> None:
+    for rel, patches in SOURCE_PATCHES.items():
+        path = src_runtime / rel
+        text = path.read_text()
+        for old, new, count in patches:
+            if text.count(old) != count:
+                raise BoardBuildError(
+                    f"{rel} of this TVM no longer has the line tvmq bounds ({old.strip()!r}, "
+                    f"expected {count}x): update SOURCE_PATCHES in deploy/runtime_build.py")
+            text = text.replace(old, new)
+        path.write_text(text)
 
 
 def _compiler_version() -> str:
@@ -92,20 +149,49 @@ def _compiler_version() -> str:
     return subprocess.run([CROSS_CXX, "--version"], capture_output=True, text=True).stdout
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _fetch_aarch64_ffi(dest: Path) -> Path:
-    """libtvm_ffi.so for aarch64 from the apache-tvm-ffi wheel of the host's version."""
+    """libtvm_ffi.so for aarch64 from the apache-tvm-ffi wheel of the host's version, checked
+    against the pinned sha256 (pip --require-hashes, then again here)."""
     version = importlib.metadata.version("apache-tvm-ffi")
+    pytag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    expected = AARCH64_FFI_WHEEL_SHA256.get((version, pytag))
+    if expected is None:
+        raise BoardBuildError(
+            f"no pinned sha256 for the aarch64 apache-tvm-ffi=={version} wheel ({pytag}): add it "
+            "to AARCH64_FFI_WHEEL_SHA256 in deploy/runtime_build.py (tvmq pins "
+            f"{', '.join(v for v, _ in AARCH64_FFI_WHEEL_SHA256)})")
     with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "requirements.txt"
+        req.write_text(f"apache-tvm-ffi=={version} --hash=sha256:{expected}\n")
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-               "--platform", "manylinux_2_28_aarch64", "--python-version",
-               f"{sys.version_info.major}.{sys.version_info.minor}",
-               f"apache-tvm-ffi=={version}", "-d", tmp]
+               "--require-hashes", "--platform", "manylinux_2_28_aarch64", "--python-version",
+               f"{sys.version_info.major}.{sys.version_info.minor}", "-r", str(req),
+               "-d", str(Path(tmp) / "wheel")]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
+        if "DO NOT MATCH THE HASHES" in done.stderr:
+            got = next((line.split("Got")[-1].strip() for line in done.stderr.splitlines()
+                        if "Got" in line), "?")
+            raise BoardBuildError(
+                f"the downloaded aarch64 apache-tvm-ffi=={version} wheel has sha256 {got}, not the "
+                f"pinned {expected}: refusing to put it on the board")
+        wheels = list((Path(tmp) / "wheel").glob("*.whl"))
         if done.returncode != 0 or not wheels:
             raise BoardBuildError(
                 f"could not download the aarch64 apache-tvm-ffi=={version} wheel (needed for "
                 f"libtvm_ffi.so on the board): {done.stderr.strip()[-500:]}")
+        got = _sha256(wheels[0])
+        if got != expected:
+            raise BoardBuildError(
+                f"the downloaded aarch64 apache-tvm-ffi=={version} wheel has sha256 {got}, not the "
+                f"pinned {expected}: refusing to put it on the board")
         with zipfile.ZipFile(wheels[0]) as whl:
             name = next(n for n in whl.namelist() if n.endswith("lib/libtvm_ffi.so"))
             (dest / "libtvm_ffi.so").write_bytes(whl.read(name))
@@ -132,6 +218,7 @@ def build_board_runtime(cache_dir: str | Path, progress=None, jobs: int | None =
         # the wheel's sources and ours side by side, as the sources' relative includes expect
         src = work / "src"
         shutil.copytree(_tvm_dir() / "src" / "runtime", src / "runtime")
+        _apply_patches(src / "runtime")
         shutil.copytree(OWN_SOURCES / "src" / "support", src / "support")
         shutil.copytree(OWN_SOURCES / "src" / "server", src / "server")
         includes = [f"-I{OWN_SOURCES / 'include'}", f"-I{_tvm_dir() / 'include'}",
@@ -142,13 +229,21 @@ def build_board_runtime(cache_dir: str | Path, progress=None, jobs: int | None =
         lib.mkdir()
         _fetch_aarch64_ffi(lib)
 
-        objects = [work / "obj" / f"{i:03d}_{s.stem}.o" for i, s in enumerate(sources)]
-        objects[0].parent.mkdir()
+        # objects are cached by their inputs: editing the server relinks, it does not recompile
+        # the runtime
+        obj_cache = root / "objects"
+        obj_cache.mkdir(exist_ok=True)
+        objects = [obj_cache / (f"{s.stem}-" + _object_key(
+                       str(s.relative_to(src / "runtime")), s.read_text(errors="surrogateescape"))
+                       + ".o") for s in sources]
         total, done = len(sources) + 2, 0
 
         def compile_one(pair):
             s, o = pair
-            _compile([CROSS_CXX, *CXXFLAGS, *includes, "-c", str(s), "-o", str(o)], s.name)
+            if not o.exists():
+                tmp_o = work / f"{o.name}.tmp"
+                _compile([CROSS_CXX, *CXXFLAGS, *includes, "-c", str(s), "-o", str(tmp_o)], s.name)
+                tmp_o.replace(o)  # atomic: a concurrent build never links half an object
             return s.name
 
         with ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:

@@ -35,14 +35,15 @@ def board_runtime(quiet: bool = False):
 
 
 def start(port: int = 9190, host: str = LOCALHOST, tracker: str | None = None,
-          key: str = "rpi4", target: str = "arm", quiet: bool = False):
+          key: str = "rpi4", target: str = "arm", quiet: bool = False,
+          server_args: list[str] | tuple[str, ...] = ()):
     """Build (or reuse) the board runtime and start the emulated Pi; returns its process."""
     if target not in EMULATED_CPUS:
         raise BoardStartError(f"no emulated board for target {target!r} (the emulated"
                               f" boards: {', '.join(sorted(EMULATED_CPUS))})")
     board_runtime(quiet)
     return emulated_pi(cache_dir(), port=port, host=host, tracker=tracker, key=key,
-                       target=target)
+                       target=target, server_args=server_args)
 
 
 def main(argv=None) -> int:
@@ -55,11 +56,22 @@ def main(argv=None) -> int:
     ap.add_argument("--key", default="rpi4", help="tracker key (default rpi4)")
     ap.add_argument("--target", default="arm", choices=sorted(EMULATED_CPUS),
                     help="arm: Pi 4 (Cortex-A72); rpi5: Pi 5 (Cortex-A76, dotprod)")
+    ap.add_argument("--session-timeout", type=int, default=None, metavar="S",
+                    help="the board ends a session after S seconds (default 900; 0: never)")
+    ap.add_argument("--max-sessions", type=int, default=None, metavar="N",
+                    help="sessions at once (default 1: honest timings); others queue")
+    ap.add_argument("--max-upload-mb", type=int, default=None, metavar="MB",
+                    help="largest upload / RPC message the board accepts (default 256)")
     args = ap.parse_args(argv)
+    server_args = [a for flag, v in (("--session-timeout", args.session_timeout),
+                                     ("--max-sessions", args.max_sessions),
+                                     ("--max-upload-mb", args.max_upload_mb)) if v is not None
+                   for a in (flag, str(v))]
     err = Console(stderr=True)
     try:
         t0 = time.perf_counter()
-        board = start(args.port, args.host, args.tracker, args.key, args.target)
+        board = start(args.port, args.host, args.tracker, args.key, args.target,
+                      server_args=server_args)
     except USER_ERRORS as e:
         err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2

@@ -2,6 +2,8 @@
 #ifndef TVMQ_SUPPORT_ARENA_H_
 #define TVMQ_SUPPORT_ARENA_H_
 
+#include <tvm/support/limits.h>
+
 #include <cstddef>
 #include <memory>
 #include <new>
@@ -15,7 +17,10 @@ class Arena {
   template <typename T>
   T* allocate_(size_t count = 1) {
     static_assert(alignof(T) <= alignof(std::max_align_t), "over-aligned arena type");
-    size_t words = (sizeof(T) * count + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t);
+    // count comes from the peer (and arrives as a signed int upstream: a negative one is huge
+    // here): bound it and check the arithmetic before allocating
+    size_t bytes = CheckedMessageBytes(count, sizeof(T), "RPC arena allocation");
+    size_t words = bytes / sizeof(std::max_align_t) + (bytes % sizeof(std::max_align_t) != 0);
     chunks_.emplace_back(new std::max_align_t[words == 0 ? 1 : words]);
     return reinterpret_cast<T*>(chunks_.back().get());
   }

@@ -3,6 +3,9 @@
 #ifndef TVMQ_SUPPORT_RING_BUFFER_H_
 #define TVMQ_SUPPORT_RING_BUFFER_H_
 
+#include <tvm/ffi/error.h>
+#include <tvm/support/limits.h>
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -14,8 +17,15 @@ class RingBuffer {
  public:
   size_t bytes_available() const { return end_ - begin_; }
 
-  /*! \brief Make room for n more bytes. */
+  /*! \brief Make room for n more bytes. The endpoint reserves a whole packet as soon as it has
+   * read the packet's length, before the data arrives: refuse a length beyond the message limit
+   * here, so a peer cannot make the board allocate what it never sends. */
   void Reserve(size_t n) {
+    if (n > max_message_bytes || bytes_available() > max_message_bytes - n) {
+      TVM_FFI_THROW(ValueError) << "RPC message of " << n << " bytes (" << bytes_available()
+                                << " queued) exceeds the board's limit of " << max_message_bytes
+                                << " bytes (tvmq_rpc_server --max-upload-mb)";
+    }
     if (begin_ != 0 && begin_ == end_) begin_ = end_ = 0;
     if (end_ + n <= buf_.size()) return;
     if (begin_ != 0) {  // drop what was consumed before growing
@@ -27,6 +37,11 @@ class RingBuffer {
   }
 
   void Read(void* data, size_t size) {
+    // never read past what was received (the caller's length may come from the peer)
+    if (size > bytes_available()) {
+      TVM_FFI_THROW(InternalError) << "RingBuffer::Read of " << size << " bytes, only "
+                                   << bytes_available() << " available";
+    }
     std::memcpy(data, buf_.data() + begin_, size);
     begin_ += size;
   }

@@ -67,8 +67,11 @@ class Socket {
     sockfd = -1;
   }
   /*! \brief Throw with the OS's reason for the last failure. */
-  [[noreturn]] static void Error(const char* what) {
-    TVM_FFI_THROW(RuntimeError) << "socket error in " << what << ": " << std::strerror(errno);
+  [[noreturn]] static void Error(const char* what) { Error(what, errno); }
+  /*! \brief Throw with the reason for error number err. Take errno first, at the failing call:
+   * building the exception (TVM_FFI_THROW records a backtrace, allocates) may change errno. */
+  [[noreturn]] static void Error(const char* what, int err) {
+    TVM_FFI_THROW(RuntimeError) << "socket error in " << what << ": " << std::strerror(err);
     throw;  // unreachable: TVM_FFI_THROW throws
   }
 };
@@ -79,20 +82,21 @@ class TCPSocket : public Socket {
   explicit TCPSocket(SockType fd) : Socket(fd) {}
 
   void Create(int family = AF_INET) {
-    sockfd = ::socket(family, SOCK_STREAM, 0);
-    if (sockfd < 0) Error("socket");
+    sockfd = ::socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (sockfd < 0) Error("socket", errno);
   }
   bool Connect(const SockAddr& a) { return ::connect(sockfd, a.addr(), a.len()) == 0; }
   /*! \brief Bind (with SO_REUSEADDR) and listen. */
   void Listen(const SockAddr& a, int backlog = 16) {
     int one = 1;
     setsockopt(sockfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (::bind(sockfd, a.addr(), a.len()) != 0) Error("bind");
-    if (::listen(sockfd, backlog) != 0) Error("listen");
+    if (::bind(sockfd, a.addr(), a.len()) != 0) Error("bind", errno);
+    if (::listen(sockfd, backlog) != 0) Error("listen", errno);
   }
   TCPSocket Accept(SockAddr* peer) {
-    int fd = ::accept(sockfd, peer->addr(), peer->mutable_len());
-    if (fd < 0) Error("accept");
+    *peer->mutable_len() = sizeof(sockaddr_storage);
+    int fd = ::accept4(sockfd, peer->addr(), peer->mutable_len(), SOCK_CLOEXEC);
+    if (fd < 0) Error("accept", errno);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     return TCPSocket(fd);

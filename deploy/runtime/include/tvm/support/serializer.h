@@ -7,10 +7,12 @@
 #define TVMQ_SUPPORT_SERIALIZER_H_
 
 #include <tvm/support/io.h>
+#include <tvm/support/limits.h>
 
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/string.h>
 
+#include <algorithm>
 #include <map>
 #include <string>
 #include <type_traits>
@@ -20,6 +22,25 @@
 
 namespace tvm {
 namespace support {
+
+/*! \brief Read n trivially copyable T into a fresh buffer (std::string / std::vector). The
+ * length n comes from the data itself (a packet, an uploaded file): bound it, and grow the
+ * buffer one chunk at a time as bytes really arrive, so a lying length costs what was sent,
+ * not what was announced. */
+template <typename T, typename Buffer>
+bool ReadTrivialElements(Stream* s, Buffer* v, uint64_t n) {
+  CheckedMessageBytes(n, sizeof(T), "serialized length");
+  constexpr size_t kChunk = std::max<size_t>(1, (size_t{1} << 20) / sizeof(T));
+  v->clear();
+  size_t done = 0;
+  while (done < n) {
+    size_t k = static_cast<size_t>(std::min<uint64_t>(n - done, kChunk));
+    v->resize(done + k);
+    if (s->Read(static_cast<void*>(&(*v)[done]), k * sizeof(T)) != k * sizeof(T)) return false;
+    done += k;
+  }
+  return true;
+}
 
 template <typename T, typename = void>
 struct Serializer {
@@ -49,8 +70,7 @@ struct Serializer<std::string> {
   static bool Read(Stream* s, std::string* v) {
     uint64_t n;
     if (!Serializer<uint64_t>::Read(s, &n)) return false;
-    v->resize(n);
-    return n == 0 || s->Read(static_cast<void*>(&(*v)[0]), n) == n;
+    return ReadTrivialElements<char>(s, v, n);
   }
 };
 
@@ -94,14 +114,20 @@ struct Serializer<std::vector<T>> {
   static bool Read(Stream* s, std::vector<T>* v) {
     uint64_t n;
     if (!Serializer<uint64_t>::Read(s, &n)) return false;
-    v->resize(n);
-    if (std::is_trivially_copyable<T>::value) {
-      return n == 0 || s->Read(static_cast<void*>(v->data()), n * sizeof(T)) == n * sizeof(T);
+    if constexpr (std::is_trivially_copyable<T>::value) {
+      return ReadTrivialElements<T>(s, v, n);
+    } else {
+      // each element takes at least one byte of input: n beyond the limit is a lie
+      CheckedMessageBytes(n, 1, "serialized element count");
+      v->clear();
+      v->reserve(static_cast<size_t>(std::min<uint64_t>(n, 1024)));
+      for (uint64_t i = 0; i < n; ++i) {
+        T e{};
+        if (!Serializer<T>::Read(s, &e)) return false;
+        v->push_back(std::move(e));
+      }
+      return true;
     }
-    for (T& e : *v) {
-      if (!Serializer<T>::Read(s, &e)) return false;
-    }
-    return true;
   }
 };
 
@@ -154,6 +180,7 @@ void Stream::WriteArray(const T* data, size_t count) {
 }
 template <typename T>
 bool Stream::ReadArray(T* data, size_t count) {
+  CheckedMessageBytes(count, sizeof(T), "array read");  // count * sizeof(T) must not wrap
   if (std::is_trivially_copyable<T>::value) {
     return Read(static_cast<void*>(data), count * sizeof(T)) == count * sizeof(T);
   }
