@@ -1,4 +1,6 @@
 """Graph-level (Relax) passes: tvmq composites -> integer kernels, integer-only verifier."""
 from relay_passes.lower_composites import LOWERINGS, LowerTvmqComposites, LoweringError
 from relay_passes.pipeline import legalize_passes, lowering_passes
-from relay_passes.verify_integer import FloatOpError, VerifyIntegerOnly, verify_integer_only
+from relay_passes.verify_integer import (FloatOpError, VerifyIntegerKernels, VerifyIntegerOnly,
+                                         float_errors_surface, verify_integer_kernels,
+                                         verify_integer_only)
