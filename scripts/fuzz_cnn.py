@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,12 @@ if str(ROOT) not in sys.path:
 
 
 # ------------------------------------------------------------------------------ the models
+# ops whose forward is not just calling their layer
+_FUNCTIONAL = {"view", "add_self", "bn_shared", "sigmoid", "cat"}
+# ops tvmq should refuse, clearly (a wild case may hold one)
+UNSUPPORTED = ("sigmoid", "cat", "maxpool_dil", "avgpool_pad", "adaptive2", "bn_shared")
+
+
 class FuzzNet(nn.Module):
     """A CNN described by ``spec``: a list of ops (dicts), applied in order. ``res`` ops hold
     a body (a list of ops) whose output is added to their input."""
@@ -55,8 +62,8 @@ class FuzzNet(nn.Module):
                 plan.append(("res", self._build(op["body"]), op.get("relu", False)))
                 continue
             if kind == "conv":
-                m = nn.Conv2d(op["cin"], op["cout"], op["k"], op["stride"], op["pad"],
-                              op["dil"], op["groups"], bias=op["bias"])
+                m = nn.Conv2d(op["cin"], op["cout"], (op["k"], op.get("kw", op["k"])),
+                              op["stride"], op["pad"], op["dil"], op["groups"], bias=op["bias"])
             elif kind == "bn":
                 m = nn.BatchNorm2d(op["c"])
             elif kind == "relu":
@@ -71,10 +78,20 @@ class FuzzNet(nn.Module):
                 m = nn.Flatten()
             elif kind == "linear":
                 m = nn.Linear(op["cin"], op["cout"], bias=op["bias"])
+            elif kind == "dropout":
+                m = nn.Dropout(0.5) if op.get("identity") is None else nn.Identity()
+            elif kind in ("view", "add_self", "bn_shared", "sigmoid", "cat"):
+                m = nn.BatchNorm2d(op["c"]) if kind == "bn_shared" else nn.Identity()
+            elif kind == "maxpool_dil":
+                m = nn.MaxPool2d(op["k"], 1, 0, dilation=2)
+            elif kind == "avgpool_pad":
+                m = nn.AvgPool2d(op["k"], 1, 1)
+            elif kind == "adaptive2":
+                m = nn.AdaptiveAvgPool2d(2)
             else:
                 raise ValueError(f"unknown op {kind!r}")
             self.layers.append(m)
-            plan.append(("layer", len(self.layers) - 1))
+            plan.append((kind if kind in _FUNCTIONAL else "layer", len(self.layers) - 1))
         return plan
 
     def _run(self, plan, x):
@@ -82,6 +99,16 @@ class FuzzNet(nn.Module):
             if step[0] == "res":
                 y = x + self._run(step[1], x)
                 x = torch.relu(y) if step[2] else y
+            elif step[0] == "view":  # x.view(x.size(0), -1): a shape query, then a view
+                x = x.view(x.size(0), -1)
+            elif step[0] == "add_self":  # torch.add of a tensor and its ReLU
+                x = torch.add(x, F.relu(x))
+            elif step[0] == "bn_shared":  # BN on a tensor that is also used elsewhere
+                x = self.layers[step[1]](x) + x
+            elif step[0] == "sigmoid":
+                x = torch.sigmoid(x)
+            elif step[0] == "cat":
+                x = torch.cat([x, x], 1)
             else:
                 x = self.layers[step[1]](x)
         return x
@@ -90,81 +117,125 @@ class FuzzNet(nn.Module):
         return self._run(self.plan, x)
 
 
-def _conv_op(rng: random.Random, cin: int, hw: int, *, same: bool = False) -> dict | None:
-    """A random conv on ``cin`` channels of a ``hw`` x ``hw`` map (``same``: keep channels
+def _out(n: int, k: int, stride: int, pad: int, dil: int = 1) -> int:
+    return (n + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _conv_op(rng: random.Random, cin: int, hw: tuple, *, same: bool = False) -> dict | None:
+    """A random conv on ``cin`` channels of an ``hw`` = (h, w) map (``same``: keep channels
     and size); None when nothing fits."""
     for _ in range(20):
         k = rng.choice([1, 3, 3, 5])
-        dil = 1 if k == 1 else rng.choice([1, 1, 2])
-        stride = 1 if same else rng.choice([1, 1, 2])
-        pad = dil * (k // 2) if same or rng.random() < 0.7 else 0
+        kw = k if same or rng.random() < 0.85 else rng.choice([1, 3])  # (3, 1) kernels
+        dil = 1 if k == 1 and kw == 1 else rng.choice([1, 1, 2])
+        stride = 1 if same else rng.choice([1, 1, 2, 3])
+        pad = dil * (k // 2) if same or rng.random() < 0.6 else rng.choice([0, 1, 2])
+        if kw != k and pad > dil * (kw // 2):
+            pad = 0 if kw == 1 else pad
         cout = cin if same else rng.choice([4, 6, 8, 12, 16])
         groups = 1
         if rng.random() < 0.35:
             common = [g for g in (2, 3, 4, cin) if cin % g == 0 and cout % g == 0]
             groups = rng.choice(common) if common else 1
-        out = (hw + 2 * pad - dil * (k - 1) - 1) // stride + 1
-        if out >= 1 and (not same or out == hw):
-            return {"op": "conv", "cin": cin, "cout": cout, "k": k, "stride": stride,
-                    "pad": pad, "dil": dil, "groups": groups, "bias": rng.random() < 0.5}
+        out = (_out(hw[0], k, stride, pad, dil), _out(hw[1], kw, stride, pad, dil))
+        if min(out) >= 1 and (not same or out == hw):
+            op = {"op": "conv", "cin": cin, "cout": cout, "k": k, "stride": stride,
+                  "pad": pad, "dil": dil, "groups": groups, "bias": rng.random() < 0.5}
+            if kw != k:
+                op["kw"] = kw
+            return op, out
     return None
 
 
-def random_spec(rng: random.Random, size: int = 12) -> dict:
-    """A random CNN spec on a 1x3x``size``x``size`` input."""
-    ops, c, hw = [], 3, size
+def random_spec(rng: random.Random, size: int = 12, wild: float = 0.15) -> dict:
+    """A random CNN spec on a 1x3x``size``x``size`` input (sometimes ``size`` x
+    ``size - 3``). With probability ``wild`` per step, a rarer form: functional adds and
+    views, dropout, or an op tvmq does not support (the case must then be refused)."""
+    width = size if rng.random() < 0.75 else max(size - 3, 3)
+    ops, c, hw = [], 3, (size, width)
+    flat = None  # features once flattened
     for _ in range(rng.randint(2, 6)):
         r = rng.random()
+        if rng.random() < wild:
+            kind = rng.choice(["view_linear", "add_self", "dropout", *UNSUPPORTED])
+            if kind == "view_linear":
+                if c * hw[0] * hw[1] <= 1024:
+                    flat = c * hw[0] * hw[1]
+                    ops.append({"op": "view"})
+                    break
+            elif kind == "dropout":
+                ops.append({"op": "dropout", **({"identity": 1} if rng.random() < .5 else {})})
+            elif kind in ("bn_shared",):
+                ops.append({"op": kind, "c": c})
+            elif kind == "cat":
+                ops.append({"op": kind})
+                c *= 2
+            elif kind in ("maxpool_dil", "avgpool_pad") and min(hw) >= 3:
+                ops.append({"op": kind, "k": 2})
+                hw = (hw[0] - 2, hw[1] - 2) if kind == "maxpool_dil" else (hw[0] + 1,
+                                                                          hw[1] + 1)
+            elif kind == "adaptive2" and min(hw) >= 2:
+                ops.append({"op": kind})
+                hw = (2, 2)
+            elif kind in ("sigmoid", "add_self"):
+                ops.append({"op": kind})
+            continue
         if r < 0.5:  # conv [bn] [relu]
-            op = _conv_op(rng, c, hw)
-            if op is None:
+            got = _conv_op(rng, c, hw)
+            if got is None:
                 continue
+            op, hw = got
             ops.append(op)
-            c, hw = op["cout"], (hw + 2 * op["pad"] - op["dil"] * (op["k"] - 1) - 1) \
-                // op["stride"] + 1
+            c = op["cout"]
             if rng.random() < 0.6:
                 ops.append({"op": "bn", "c": c})
             if rng.random() < 0.7:
                 ops.append({"op": "relu"})
         elif r < 0.7:  # residual block: conv bn [relu] [conv bn] + input [relu]
             body = []
-            for j in range(rng.choice([1, 2])):
-                op = _conv_op(rng, c, hw, same=True)
-                if op is None:
+            if rng.random() < 0.15:  # the residual of a ReLU / a same-size max pool
+                body.append(rng.choice([{"op": "relu"},
+                                        {"op": "maxpool", "k": 3, "stride": 1, "pad": 1}]))
+            for j in range(rng.choice([1, 2]) if not body else 0):
+                got = _conv_op(rng, c, hw, same=True)
+                if got is None:
                     break
-                body.append(op)
+                body.append(got[0])
                 if rng.random() < 0.7:
                     body.append({"op": "bn", "c": c})
                 if j == 0 and rng.random() < 0.6:
                     body.append({"op": "relu"})
             if body:
                 ops.append({"op": "res", "body": body, "relu": rng.random() < 0.6})
-        elif r < 0.8 and hw >= 2:  # max pool
+        elif r < 0.8 and min(hw) >= 2:  # max pool
             k = rng.choice([2, 3])
-            pad = rng.choice([0, 1]) if k == 3 else 0
+            pad = rng.choice([0, 1]) if k == 3 or rng.random() < 0.3 else 0
             stride = rng.choice([1, 2])
             ops.append({"op": "maxpool", "k": k, "stride": stride, "pad": pad})
-            hw = (hw + 2 * pad - k) // stride + 1
-        elif r < 0.9 and hw >= 3:  # average pool (3x3: the non-power-of-two multiplier)
+            hw = (_out(hw[0], k, stride, pad), _out(hw[1], k, stride, pad))
+        elif r < 0.9 and min(hw) >= 3:  # average pool (3x3: the non-power-of-two multiplier)
             k = rng.choice([2, 3])
             stride = rng.choice([1, 2, k])
             ops.append({"op": "avgpool", "k": k, "stride": stride})
-            hw = (hw - k) // stride + 1
+            hw = (_out(hw[0], k, stride, 0), _out(hw[1], k, stride, 0))
         else:
             ops.append({"op": "relu"})
     head = rng.random()
-    if head < 0.45:  # global pool + linear
+    if flat is not None:  # after x.view(x.size(0), -1)
+        ops.append({"op": "linear", "cin": flat, "cout": rng.choice([3, 5, 10]),
+                    "bias": rng.random() < 0.7})
+    elif head < 0.45:  # global pool + linear
         ops += [{"op": "gap"}, {"op": "flatten"},
                 {"op": "linear", "cin": c, "cout": rng.choice([3, 5, 10]),
                  "bias": rng.random() < 0.7}]
-    elif head < 0.7 and c * hw * hw <= 1024:  # flatten + linear
+    elif head < 0.7 and c * hw[0] * hw[1] <= 1024:  # flatten + linear
         ops += [{"op": "flatten"},
-                {"op": "linear", "cin": c * hw * hw, "cout": rng.choice([3, 5, 10]),
+                {"op": "linear", "cin": c * hw[0] * hw[1], "cout": rng.choice([3, 5, 10]),
                  "bias": rng.random() < 0.7}]
         if rng.random() < 0.3:
             ops += [{"op": "relu"}, {"op": "linear", "cin": ops[-1]["cout"], "cout": 4,
                                      "bias": True}]
-    return {"input": [1, 3, size, size], "ops": ops}
+    return {"input": [1, 3, size, width], "ops": ops}
 
 
 def make_model(spec: dict, seed: int) -> FuzzNet:
@@ -205,13 +276,13 @@ def case_seed(seed: int, index: int) -> int:
 
 
 def run_case(index: int, seed: int = 0, out: str | Path | None = None, size: int = 12,
-             fresh: int = 3, spec: dict | None = None) -> Outcome:
+             fresh: int = 3, spec: dict | None = None, wild: float = 0.15) -> Outcome:
     """Generate case ``index`` of ``seed`` (or take ``spec``), push it through the public API
     and classify the result."""
     import tvmq
 
     s = case_seed(seed, index)
-    spec = spec or random_spec(random.Random(s), size)
+    spec = spec or random_spec(random.Random(s), size, wild)
     start = time.perf_counter()
     model = make_model(spec, s)
     gen = torch.Generator().manual_seed(s)
@@ -266,7 +337,7 @@ def describe(spec: dict) -> str:
     for op in spec["ops"]:
         kind = op["op"]
         if kind == "conv":
-            text = f"conv{op['k']}x{op['k']}>{op['cout']}"
+            text = f"conv{op['k']}x{op.get('kw', op['k'])}>{op['cout']}"
             text += "".join(f"/{t}{op[key]}" for t, key in (("s", "stride"), ("d", "dil"),
                                                              ("g", "groups"), ("p", "pad"))
                             if op[key] != (0 if key == "pad" else 1))
@@ -274,7 +345,7 @@ def describe(spec: dict) -> str:
         elif kind == "res":
             inner = describe({"ops": op["body"]})
             parts.append(f"res({inner}){'+relu' if op['relu'] else ''}")
-        elif kind in ("maxpool", "avgpool"):
+        elif kind in ("maxpool", "avgpool") and "stride" in op:
             parts.append(f"{kind}{op['k']}/s{op['stride']}" + (f"/p{op['pad']}"
                                                               if op.get("pad") else ""))
         elif kind == "linear":
@@ -295,12 +366,14 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=12, help="input height and width")
+    p.add_argument("--wild", type=float, default=0.15,
+                   help="chance per layer of a rarer form or an unsupported op")
     p.add_argument("--only", type=int, action="append", help="run only this case index")
     p.add_argument("--show", action="store_true", help="print each case's spec (JSON)")
     p.add_argument("--json", help="write every outcome to this file")
     args = p.parse_args(argv)
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
     indices = args.only or list(range(args.cases))
     outcomes = []
     with Progress(TextColumn("[bold]fuzz"), BarColumn(), MofNCompleteColumn(),
@@ -308,7 +381,7 @@ def main(argv=None) -> int:
                   console=console) as progress:
         task = progress.add_task("", total=len(indices))
         for i in indices:
-            spec = random_spec(random.Random(case_seed(args.seed, i)), args.size)
+            spec = random_spec(random.Random(case_seed(args.seed, i)), args.size, args.wild)
             progress.update(task, description=f"case {i}: {describe(spec)[:60]}")
             o = run_case(i, args.seed, size=args.size, spec=spec)
             outcomes.append(o)
