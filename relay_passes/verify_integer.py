@@ -240,6 +240,9 @@ class _KernelChecker:
             return None
         if _prim_float(node):
             if isinstance(node, tvm.ir.expr.TensorLoad):
+                if self.is_param(node.source, self.inputs):
+                    self.fail(node, f"uses the model input {node.source.name!r} outside a"
+                                    " quantize to an integer")
                 self.fail(node, f"loads float from {node.source.name!r}, which is not the"
                                 " model input")
             self.fail(node, f"{str(node.ty.dtype)} expression")

@@ -122,6 +122,15 @@ def test_quantize_that_computes_more_than_a_quantize_is_refused():
         compile_x86(boundary(inner_q=exp))
 
 
+def test_input_compared_in_float_is_refused():
+    def threshold(a):  # a float comparison of the input, not a quantize
+        return te.compute(a.shape, lambda *i: tirx.Select(a(*i) > 0.5, tirx.const(1, "int8"),
+                                                          tirx.const(0, "int8")), name="t")
+
+    with pytest.raises(FloatOpError, match=r"kernel '\w*tvmq_quantize\w*': (T\.float32\(0\.5\)|x\[)"):
+        compile_x86(boundary(inner_q=threshold))
+
+
 def test_dequantize_that_computes_more_than_a_dequantize_is_refused():
     def exp(a):
         return te.compute(a.shape, lambda *i: tirx.exp(a(*i).astype("float32")), name="e")
