@@ -117,6 +117,9 @@ class FuzzNet(nn.Module):
         return self._run(self.plan, x)
 
 
+CHANNELS = [4, 6, 8, 12, 16]  # conv widths (--channels)
+
+
 def _out(n: int, k: int, stride: int, pad: int, dil: int = 1) -> int:
     return (n + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
@@ -132,7 +135,7 @@ def _conv_op(rng: random.Random, cin: int, hw: tuple, *, same: bool = False) -> 
         pad = dil * (k // 2) if same or rng.random() < 0.6 else rng.choice([0, 1, 2])
         if kw != k and pad > dil * (kw // 2):
             pad = 0 if kw == 1 else pad
-        cout = cin if same else rng.choice([4, 6, 8, 12, 16])
+        cout = cin if same else rng.choice(CHANNELS)
         groups = 1
         if rng.random() < 0.35:
             common = [g for g in (2, 3, 4, cin) if cin % g == 0 and cout % g == 0]
@@ -238,8 +241,9 @@ def random_spec(rng: random.Random, size: int = 12, wild: float = 0.15) -> dict:
     return {"input": [1, 3, size, width], "ops": ops}
 
 
-def make_model(spec: dict, seed: int) -> FuzzNet:
-    """The model of ``spec`` with seeded random weights and batch-norm statistics."""
+def make_model(spec: dict, seed: int, extreme: bool = False) -> FuzzNet:
+    """The model of ``spec`` with seeded random weights and batch-norm statistics;
+    ``extreme``: weights scaled by 10^[-3, 2] per layer and BN variances 10^[-4, 2]."""
     torch.manual_seed(seed)
     model = FuzzNet(spec)
     with torch.no_grad():
@@ -249,6 +253,12 @@ def make_model(spec: dict, seed: int) -> FuzzNet:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.3, 0.3)
+                if extreme:
+                    m.running_var.copy_(10 ** torch.empty_like(m.running_var).uniform_(-4, 2))
+            elif extreme and isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(10 ** torch.empty(()).uniform_(-3, 2))
+                if m.bias is not None:
+                    m.bias.mul_(10 ** torch.empty(()).uniform_(-3, 2))
     return model.eval()
 
 
@@ -275,16 +285,26 @@ def case_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
+SCHEMES = ["int-se", "int-se:7", "int-se:6", "int-se:5", "int-se:4", "int-se:3", "int-se:2"]
+# fresh inputs: in range, tiny (most quantize to 0), far out of the calibrated range
+SCALES = (2.0, 0.01, 40.0)
+
+
 def run_case(index: int, seed: int = 0, out: str | Path | None = None, size: int = 12,
-             fresh: int = 3, spec: dict | None = None, wild: float = 0.15) -> Outcome:
+             fresh: int = 3, spec: dict | None = None, wild: float = 0.15,
+             scheme: str = "int-se", extreme: bool = False) -> Outcome:
     """Generate case ``index`` of ``seed`` (or take ``spec``), push it through the public API
     and classify the result."""
     import tvmq
 
     s = case_seed(seed, index)
-    spec = spec or random_spec(random.Random(s), size, wild)
+    rng = random.Random(s)
+    spec = spec or random_spec(rng, size, wild)
+    if scheme == "random":
+        scheme = random.Random(s + 1).choice(SCHEMES)
+    spec = {**spec, "scheme": scheme}
     start = time.perf_counter()
-    model = make_model(spec, s)
+    model = make_model(spec, s, extreme)
     gen = torch.Generator().manual_seed(s)
     shape = spec["input"]
     batches = [torch.randn(2, *shape[1:], generator=gen) for _ in range(2)]
@@ -294,7 +314,7 @@ def run_case(index: int, seed: int = 0, out: str | Path | None = None, size: int
         tmp = tempfile.TemporaryDirectory(prefix="tvmq-fuzz-")
         out = tmp.name
     try:
-        qat = tvmq.prepare(model, "int-se")
+        qat = tvmq.prepare(model, scheme)
         tvmq.calibrate(qat, batches)
         deploy = tvmq.convert(qat)
         art = tvmq.build(deploy, example, target="x86", out=Path(out) / f"case{index}",
@@ -306,8 +326,8 @@ def run_case(index: int, seed: int = 0, out: str | Path | None = None, size: int
                            time.perf_counter() - start, parity["elements"])
         elements = parity["elements"]
         with torch.no_grad():
-            for _ in range(fresh):
-                x = torch.randn(*shape, generator=gen) * 2
+            for j in range(fresh):
+                x = torch.randn(*shape, generator=gen) * SCALES[j % len(SCALES)]
                 want, got = deploy(x), art.run(x)
                 elements += want.numel()
                 if want.dtype != got.dtype or want.shape != got.shape or \
@@ -333,7 +353,7 @@ def run_case(index: int, seed: int = 0, out: str | Path | None = None, size: int
 
 def describe(spec: dict) -> str:
     """A one-line summary of a spec: conv3x3/s2/d2/g4 bn relu res(...) ..."""
-    parts = []
+    parts = [spec["scheme"]] if spec.get("scheme", "int-se") != "int-se" else []
     for op in spec["ops"]:
         kind = op["op"]
         if kind == "conv":
@@ -368,11 +388,18 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=12, help="input height and width")
     p.add_argument("--wild", type=float, default=0.15,
                    help="chance per layer of a rarer form or an unsupported op")
+    p.add_argument("--scheme", default="int-se",
+                   help="int-se, int-se:N, or random (one of int-se:2..8 per case)")
+    p.add_argument("--extreme", action="store_true",
+                   help="weights scaled by 10^[-3, 2], BN variances 10^[-4, 2]")
+    p.add_argument("--channels", default="4,6,8,12,16",
+                   help="conv widths to draw from (comma separated)")
     p.add_argument("--only", type=int, action="append", help="run only this case index")
     p.add_argument("--show", action="store_true", help="print each case's spec (JSON)")
     p.add_argument("--json", help="write every outcome to this file")
     args = p.parse_args(argv)
 
+    CHANNELS[:] = [int(c) for c in args.channels.split(",")]
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
     indices = args.only or list(range(args.cases))
     outcomes = []
@@ -383,7 +410,8 @@ def main(argv=None) -> int:
         for i in indices:
             spec = random_spec(random.Random(case_seed(args.seed, i)), args.size, args.wild)
             progress.update(task, description=f"case {i}: {describe(spec)[:60]}")
-            o = run_case(i, args.seed, size=args.size, spec=spec)
+            o = run_case(i, args.seed, size=args.size, spec=spec, scheme=args.scheme,
+                         extreme=args.extreme)
             outcomes.append(o)
             if o.status not in ("exact", "refused"):
                 progress.console.print(f"[red]case {i} {o.status}[/red]: {describe(spec)}\n"
