@@ -27,6 +27,11 @@ def test_random_cnn_is_exact_or_refused_clearly(index, tmp_path):
     _check(fuzz.run_case(index, seed=0, out=tmp_path, size=12))
 
 
+def test_low_bits_extreme_weights(tmp_path):
+    """int-se:3 with weights scaled by 10^[-3, 2] and BN variances down to 1e-4."""
+    _check(fuzz.run_case(3, seed=4, out=tmp_path, size=12, scheme="int-se:3", extreme=True))
+
+
 def test_every_feature_in_one_model(tmp_path):
     """Grouped, dilated, strided convs, BN, residual add with ReLU, max/avg(3x3: the
     non-power-of-two multiplier)/global pools and two linears, in one model."""
@@ -59,3 +64,15 @@ def test_generator_is_seeded():
     convs = [op for s in specs for op in s["ops"] if op["op"] == "conv"]
     assert any(op["groups"] > 1 for op in convs) and any(op["dil"] > 1 for op in convs)
     assert any(op["stride"] > 1 for op in convs)
+
+
+def test_unsupported_op_is_refused_naming_the_node(tmp_path):
+    spec = {"input": [1, 3, 8, 8], "ops": [
+        {"op": "conv", "cin": 3, "cout": 4, "k": 3, "stride": 1, "pad": 1, "dil": 1,
+         "groups": 1, "bias": True},
+        {"op": "adaptive2"}, {"op": "flatten"},
+        {"op": "linear", "cin": 16, "cout": 3, "bias": True}]}
+    outcome = fuzz.run_case(101, seed=0, out=tmp_path, spec=spec)
+    assert outcome.status == "refused", outcome.detail
+    assert "UnsupportedOpError: node 'layers_1': adaptive average pool to 2" in outcome.detail
+    assert not list(tmp_path.iterdir())  # nothing half-written
