@@ -292,7 +292,7 @@ SCALES = (2.0, 0.01, 40.0)
 
 def run_case(index: int, seed: int = 0, out: str | Path | None = None, size: int = 12,
              fresh: int = 3, spec: dict | None = None, wild: float = 0.15,
-             scheme: str = "int-se", extreme: bool = False) -> Outcome:
+             scheme: str = "int-se", extreme: bool = False, target: str = "x86") -> Outcome:
     """Generate case ``index`` of ``seed`` (or take ``spec``), push it through the public API
     and classify the result."""
     import tvmq
@@ -317,7 +317,7 @@ def run_case(index: int, seed: int = 0, out: str | Path | None = None, size: int
         qat = tvmq.prepare(model, scheme)
         tvmq.calibrate(qat, batches)
         deploy = tvmq.convert(qat)
-        art = tvmq.build(deploy, example, target="x86", out=Path(out) / f"case{index}",
+        art = tvmq.build(deploy, example, target=target, out=Path(out) / f"case{index}",
                          parity=8)
         parity = art.manifest["parity"]
         if parity["mismatches"] != 0:
@@ -325,6 +325,8 @@ def run_case(index: int, seed: int = 0, out: str | Path | None = None, size: int
                            f" {parity['elements']} elements differ", spec,
                            time.perf_counter() - start, parity["elements"])
         elements = parity["elements"]
+        if not art.manifest["target"]["host"]:  # a board's library: parity ran on the host
+            fresh = 0
         with torch.no_grad():
             for j in range(fresh):
                 x = torch.randn(*shape, generator=gen) * SCALES[j % len(SCALES)]
@@ -394,6 +396,9 @@ def main(argv=None) -> int:
                    help="weights scaled by 10^[-3, 2], BN variances 10^[-4, 2]")
     p.add_argument("--channels", default="4,6,8,12,16",
                    help="conv widths to draw from (comma separated)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the example input")
+    p.add_argument("--target", default="x86",
+                   help="x86, or arm/rpi5 (cross-built; parity on this host's build)")
     p.add_argument("--only", type=int, action="append", help="run only this case index")
     p.add_argument("--show", action="store_true", help="print each case's spec (JSON)")
     p.add_argument("--json", help="write every outcome to this file")
@@ -409,9 +414,10 @@ def main(argv=None) -> int:
         task = progress.add_task("", total=len(indices))
         for i in indices:
             spec = random_spec(random.Random(case_seed(args.seed, i)), args.size, args.wild)
+            spec["input"][0] = args.batch
             progress.update(task, description=f"case {i}: {describe(spec)[:60]}")
             o = run_case(i, args.seed, size=args.size, spec=spec, scheme=args.scheme,
-                         extreme=args.extreme)
+                         extreme=args.extreme, target=args.target)
             outcomes.append(o)
             if o.status not in ("exact", "refused"):
                 progress.console.print(f"[red]case {i} {o.status}[/red]: {describe(spec)}\n"
