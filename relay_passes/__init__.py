@@ -3,4 +3,6 @@ from relay_passes.lower_composites import (LOWERINGS, LowerTvmqComposites, Lower
                                            alternatives, composite_calls)
 from relay_passes import lower_ternary  # noqa: F401  registers the ternary lowerings
 from relay_passes.pipeline import legalize_passes, lowering_passes
-from relay_passes.verify_integer import FloatOpError, VerifyIntegerOnly, verify_integer_only
+from relay_passes.verify_integer import (FloatOpError, VerifyIntegerKernels, VerifyIntegerOnly,
+                                         float_errors_surface, verify_integer_kernels,
+                                         verify_integer_only)

@@ -9,7 +9,8 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-from relay_passes import legalize_passes, lowering_passes
+from relay_passes import (VerifyIntegerKernels, float_errors_surface, legalize_passes,
+                          lowering_passes)
 from schedules.default import apply_default_schedules
 from schedules.elementwise import apply_memory_bound_schedules
 from schedules.targets import AARCH64_TRIPLE, is_host
@@ -71,6 +72,9 @@ def pipeline(target: tvm.target.Target, database=None, plan=None) -> tvm.transfo
                 # Phase 4. TVM's CPU lowering to the VM
                 *cpu_generic.dataflow_lower_passes(target),
                 *cpu_generic.finalize_passes(target),
+                # the module handed to codegen: every kernel integer only (its PrimFunc
+                # bodies), but the input quantize and the output dequantize
+                VerifyIntegerKernels(),
             ])(mod)
     return _pipeline
 
@@ -79,7 +83,8 @@ def compile_relax(mod: tvm.IRModule, target: tvm.target.Target,
                   database=None, plan=None) -> relax.Executable:
     """Compile with tvmq's pipeline; ``database``: a tuning database (schedules.tuning);
     ``plan``: the lowering of each node that has several (``tvmq.lowering_plan``)."""
-    return tvm.compile(mod, target, relax_pipeline=pipeline(target, database, plan))
+    with float_errors_surface():  # a verifier's FloatOpError, not TVM's RuntimeError
+        return tvm.compile(mod, target, relax_pipeline=pipeline(target, database, plan))
 
 
 def export_library(ex: relax.Executable, target: tvm.target.Target, path: str) -> None:
