@@ -1,0 +1,217 @@
+"""Bit-serial ternary conv2d (ALGORITHMS.md §1, combined ternary weights x N-bit unsigned
+activations): AND + popcount on bit planes, exact integer arithmetic.
+
+Semantics (``qconv2d_bitserial_python`` is the reference):
+
+    acc[n, o, y, x] = sum_i (conv(x, terms[i])[n, o, y, x] << term_shift[i, o]) + bias[o]
+    out = clamp(round_shift(acc, out_shift[o]), lo, hi)          (int8)
+
+Lowering. The input channels of one group are packed into bytes (8 channels per byte, bit
+``j`` of byte ``w`` = channel ``8 w + j``), and ``L`` bytes (``lanes``: 1..16 on aarch64, up
+to 64 on AVX-512) make one vector word of ``8 L`` channels; channel counts that are not a
+multiple of ``8 L`` are zero-padded (zero masks: padded channels add nothing, whatever the
+data holds there). Weights (at build time, :func:`pack_ternary`): per output channel, tap,
+word and term a ``(+1 mask, -1 mask)`` pair, ``[O, KH, KW, words, K, 2, L]`` uint8.
+Activations (per inference, the first TE stage): ``abits`` bit planes of the zero-padded
+image, ``[N, Hp, Wp, groups, words, abits, L]`` uint8.
+
+The main stage keeps one partial sum per byte lane and term (``[N, O, OH, OW, K, L]``):
+
+    lanes[.., i, l] += sum_b (popcount(a_b & plus_i) - popcount(a_b & minus_i)) << b
+
+whose inner value is at most ``8 (2^abits - 1)`` in magnitude (int8 for abits <= 4), and the
+lanes accumulate in int16 when the layer's reduction cannot overflow it (decided from the
+shapes), else int32. The lane axis is spatial, so it vectorizes (NEON ``and``/``cnt``/``sub``
+/``saddw``, AVX-512 ``vpandq``/``vpopcntb``); the epilogue sums the lanes in int32, applies the
+per-term shifts, adds the bias and requantizes (``round_shift`` per output channel, clamp).
+Data values are taken modulo ``2^abits`` (the caller guarantees ``0 <= x < 2^abits``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+
+from topi_ops.requantize import clamp, round_shift
+
+WORD_BITS = 8  # channels per byte lane
+
+
+@dataclass(frozen=True)
+class BitserialParams:
+    """Scalar parameters of the bit-serial ternary conv (padding: top, left, bottom, right;
+    ``lo``/``hi``: the output clamp, e.g. 0..3 for 2-bit unsigned)."""
+
+    strides: tuple = (1, 1)
+    padding: tuple = (0, 0, 0, 0)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    abits: int = 2
+    lo: int = -128
+    hi: int = 127
+
+
+def max_lanes(target) -> int:
+    """Bytes per vector word: a NEON q register (16), an AVX2 ymm (32), an AVX-512 zmm (64)."""
+    if target is None or target.kind.name != "llvm":
+        return 16
+    if str(target.attrs.get("mtriple", "") or "").startswith("aarch64"):
+        return 16
+    has = tvm.target.codegen.llvm_cpu_has_features
+    if has("avx512bw", target):
+        return 64
+    return 32 if has("avx2", target) else 16
+
+
+def word_layout(channels_per_group: int, target) -> tuple[int, int]:
+    """(words, lanes): ``lanes`` bytes per word (a power of two, at most ``max_lanes``, no
+    more than the channels need), ``words`` words cover the channels of one group."""
+    nbytes = -(-channels_per_group // WORD_BITS)
+    lanes = 1
+    while lanes < nbytes and lanes < max_lanes(target):
+        lanes *= 2
+    return -(-nbytes // lanes), lanes
+
+
+def inner_dtype(abits: int) -> str:
+    """dtype of ``sum_b (popcount+ - popcount-) << b`` for one byte (|value| <= 8 (2^abits-1))."""
+    return "int8" if WORD_BITS * ((1 << abits) - 1) <= 127 else "int16"
+
+
+def lane_dtype(kh: int, kw: int, words: int, abits: int) -> str:
+    """int16 when no lane sum can reach 2^15 (every tap and word adding its maximum)."""
+    return "int16" if kh * kw * words * WORD_BITS * ((1 << abits) - 1) < 2**15 else "int32"
+
+
+def output_hw(hw, kernel, params: BitserialParams) -> tuple[int, int]:
+    (h, w), (kh, kw) = hw, kernel
+    pt, pl, pb, pr = params.padding
+    (sh, sw), (dh, dw) = params.strides, params.dilation
+    return ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1,
+            (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _check_terms(terms: np.ndarray, term_shift: np.ndarray, bias, out_shift) -> None:
+    if terms.ndim != 5:
+        raise ValueError(f"ternary terms must be [K, O, C/groups, KH, KW], got shape {terms.shape}")
+    k, o = terms.shape[:2]
+    if not np.isin(terms, (-1, 0, 1)).all():
+        raise ValueError("ternary terms must hold only -1, 0, +1")
+    if term_shift.shape != (k, o) or (term_shift < 0).any():
+        raise ValueError(f"term_shift must be [K, O] = {(k, o)} with values >= 0, got "
+                         f"shape {term_shift.shape}, min {term_shift.min()}")
+    if bias.shape != (o,) or out_shift.shape != (o,):
+        raise ValueError(f"bias and out_shift must be [O] = [{o}], got {bias.shape} and {out_shift.shape}")
+
+
+def pack_ternary(terms: np.ndarray, term_shift: np.ndarray, bias: np.ndarray,
+                 out_shift: np.ndarray, params: BitserialParams, target=None) -> list[np.ndarray]:
+    """Build-time packing. ``terms`` int8 [K, O, C/groups, KH, KW] in {-1, 0, +1},
+    ``term_shift`` int32 [K, O] (>= 0), ``bias`` int32 [O] (at the accumulator's exponent),
+    ``out_shift`` int32 [O]. Returns ``[masks, term_shift, bias, out_shift]``:
+    masks uint8 [O, KH, KW, words, K, 2, lanes] (the +1 and -1 masks of every term),
+    term_shift int32 [O, K], bias int32 [O], out_shift int32 [O]."""
+    terms = np.asarray(terms)
+    term_shift, bias, out_shift = (np.asarray(a, np.int64) for a in (term_shift, bias, out_shift))
+    _check_terms(terms, term_shift, bias, out_shift)
+    k, o, cg, kh, kw = terms.shape
+    words, lanes = word_layout(cg, target)
+    cpad = words * lanes * WORD_BITS
+    t = np.zeros((k, o, cpad, kh, kw), np.int8)
+    t[:, :, :cg] = terms
+    planes = np.stack([t == 1, t == -1], axis=2)          # [K, O, 2, Cpad, KH, KW]
+    planes = planes.reshape(k, o, 2, words, lanes, WORD_BITS, kh, kw)
+    weights = (1 << np.arange(WORD_BITS)).reshape(1, 1, 1, 1, 1, WORD_BITS, 1, 1)
+    masks = (planes * weights).sum(axis=5).astype(np.uint8)  # [K, O, 2, words, lanes, KH, KW]
+    masks = masks.transpose(1, 5, 6, 3, 0, 2, 4)             # [O, KH, KW, words, K, 2, lanes]
+    return [np.ascontiguousarray(masks), np.ascontiguousarray(term_shift.T.astype(np.int32)),
+            bias.astype(np.int32), out_shift.astype(np.int32)]
+
+
+def qconv2d_bitserial(data: te.Tensor, masks: te.Tensor, term_shift: te.Tensor, bias: te.Tensor,
+                      out_shift: te.Tensor, weight_shape, params: BitserialParams,
+                      target=None) -> te.Tensor:
+    """data int8 [N, C, H, W] (values in [0, 2^abits)), the four arrays of
+    :func:`pack_ternary` as tensors, ``weight_shape`` = (O, C/groups, KH, KW)
+    -> int8 [N, O, OH, OW]."""
+    n, c, h, w = (int(v) for v in data.shape)
+    o, cg, kh, kw = (int(v) for v in weight_shape)
+    _o, _kh, _kw, words, k, _two, lanes = (int(v) for v in masks.shape)
+    groups, abits = params.groups, params.abits
+    if c != cg * groups or o % groups or (_o, _kh, _kw) != (o, kh, kw):
+        raise ValueError(f"bitserial conv: data {data.shape}, weight {weight_shape}, groups "
+                         f"{groups} and packed masks {masks.shape} do not agree")
+    if not 1 <= abits <= 8:
+        raise ValueError(f"bitserial conv: abits must be 1..8, got {abits}")
+    og = o // groups
+    pt, pl, pb, pr = params.padding
+    (sh, sw), (dh, dw) = params.strides, params.dilation
+    oh, ow = output_hw((h, w), (kh, kw), params)
+
+    def pack(b, y, x, g, wd, p, l):
+        word = tirx.const(0, "uint8")
+        inside = tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)
+        for j in range(WORD_BITS):
+            ch = (wd * lanes + l) * WORD_BITS + j
+            v = data[b, g * cg + tirx.min(ch, cg - 1), tirx.min(tirx.max(y - pt, 0), h - 1),
+                     tirx.min(tirx.max(x - pl, 0), w - 1)].astype("uint8")
+            bit = tirx.if_then_else(tirx.all(inside, ch < cg),
+                                    (v >> p.astype("uint8")) & tirx.const(1, "uint8"),
+                                    tirx.const(0, "uint8"))
+            word = word | (bit << tirx.const(j, "uint8"))
+        return word
+
+    packed = te.compute((n, h + pt + pb, w + pl + pr, groups, words, abits, lanes), pack,
+                        name="tvmq_bitserial_data_pack")
+    idt, ldt = inner_dtype(abits), lane_dtype(kh, kw, words, abits)
+    ry, rx, rw = (te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"),
+                  te.reduce_axis((0, words), "rw"))
+
+    def lane_sum(b, oc, y, x, i, l):
+        yy, xx, g = y * sh + ry * dh, x * sw + rx * dw, oc // og
+        value = tirx.const(0, idt)
+        for p in range(abits):
+            a = packed[b, yy, xx, g, rw, p, l]
+            pos = tirx.popcount(a & masks[oc, ry, rx, rw, i, 0, l]).astype(idt)
+            neg = tirx.popcount(a & masks[oc, ry, rx, rw, i, 1, l]).astype(idt)
+            value = value + ((pos - neg) << tirx.const(p, idt) if p else pos - neg)
+        return te.sum(value.astype(ldt), axis=[ry, rx, rw])
+
+    lanes_acc = te.compute((n, o, oh, ow, k, lanes), lane_sum, name="tvmq_bitserial_lanes",
+                           attrs={"schedule_rule": "tvmq_bitserial_conv2d"})
+    ri, rl = te.reduce_axis((0, k), "ri"), te.reduce_axis((0, lanes), "rl")
+    acc = te.compute(
+        (n, o, oh, ow),
+        lambda b, oc, y, x: te.sum(
+            lanes_acc[b, oc, y, x, ri, rl].astype("int32") << term_shift[oc, ri], axis=[ri, rl]),
+        name="tvmq_bitserial_sum")
+    return te.compute(
+        (n, o, oh, ow),
+        lambda b, oc, y, x: clamp(round_shift(acc[b, oc, y, x] + bias[oc], out_shift[oc]),
+                                  params.lo, params.hi, "int8"),
+        name="tvmq_bitserial_out")
+
+
+def qconv2d_bitserial_python(data: np.ndarray, terms: np.ndarray, term_shift: np.ndarray,
+                             bias: np.ndarray, out_shift: np.ndarray,
+                             params: BitserialParams) -> np.ndarray:
+    """The reference (torch, float64 conv: exact below 2^53; int64 elsewhere) -> int8."""
+    import torch
+
+    terms = np.asarray(terms, np.int64)
+    k, o = terms.shape[:2]
+    x = torch.from_numpy(np.asarray(data, np.float64))
+    pt, pl, pb, pr = params.padding
+    x = torch.nn.functional.pad(x, (pl, pr, pt, pb))
+    wt = (terms * (1 << np.asarray(term_shift, np.int64))[:, :, None, None, None]).sum(0)
+    acc = torch.nn.functional.conv2d(x, torch.from_numpy(wt.astype(np.float64)),
+                                     stride=tuple(params.strides),
+                                     dilation=tuple(params.dilation), groups=params.groups)
+    acc = acc.numpy().astype(np.int64) + np.asarray(bias, np.int64)[None, :, None, None]
+    s = np.asarray(out_shift, np.int64)[None, :, None, None]
+    right = np.maximum(s, 0)
+    half = np.where(right > 0, np.left_shift(1, np.maximum(right - 1, 0)), 0)
+    shifted = np.where(s > 0, (acc + half) >> right, acc << np.maximum(-s, 0))
+    return np.clip(shifted, params.lo, params.hi).astype(np.int8)
