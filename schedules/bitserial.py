@@ -83,3 +83,20 @@ def schedule_bitserial_conv2d(sch: s_tir.Schedule, lanes_block, target: tvm.targ
     sch.unroll(oi)
     sch.set_scope(init, 0, "local")
     schedule_loop_nest(sch, sch.get_sblock("tvmq_bitserial_data_pack"), target)
+
+
+def scheduled_module(data_shape, packed, weight_shape, params, target) -> tvm.IRModule:
+    """The standalone kernel as a scheduled IRModule (``main``): arguments are the int8 data
+    ``data_shape``, the arrays of ``topi_ops.bitserial.pack_ternary`` (``packed``, numpy)
+    and the int8 output. For tests, estimates and benchmarks."""
+    from tvm import te
+
+    from schedules.elementwise import SCHEDULED
+    from topi_ops.bitserial import qconv2d_bitserial
+
+    data = te.placeholder(tuple(data_shape), "int8", "data")
+    consts = [te.placeholder(a.shape, str(a.dtype), f"packed{i}") for i, a in enumerate(packed)]
+    out = qconv2d_bitserial(data, *consts, weight_shape, params, target)
+    sch = s_tir.Schedule(te.create_prim_func([data, *consts, out]))
+    schedule_bitserial_conv2d(sch, sch.get_sblock("tvmq_bitserial_lanes"), target)
+    return tvm.IRModule({"main": sch.mod["main"].with_attr(SCHEDULED, True)})
