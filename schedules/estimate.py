@@ -1,0 +1,243 @@
+"""Static Cortex-A72 cycle estimate of a scheduled kernel (notes/arm-estimates.md).
+
+Without a Pi, LLVM's machine-code analyser (``llvm-mca -mcpu=cortex-a72``, Debian's ``llvm``
+package) gives the steady-state cycles of a loop body on the A72's pipeline model. The
+estimate of a kernel is its main loop nest (the block carrying ``schedule_rule``):
+
+* the aarch64 assembly of the scheduled module, cut into loops (a label and a backward
+  branch to it); the hot loop is the innermost loop with the most instructions;
+* its enclosing assembly loops are matched, innermost first, with the serial/parallel TIR
+  loops of the main block (unrolled and vectorized loops are inside the hot loop's body);
+* each level costs ``llvm-mca cycles/iteration of its own instructions`` (those not in the
+  inner loop) x ``its iterations`` (the product of the TIR extents from the outside in).
+
+It is an estimate: L1-resident data, one core, no cache misses or memory system; other loop
+nests of the function (the data packing stages) are estimated apart (``stages``) when asked.
+Compare kernels with each other, not with wall-clock time.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+
+import tvm
+from tvm import s_tir, tirx
+
+METHOD = "llvm-mca cortex-a72 (estimate)"
+A72 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}
+MCA_ITERATIONS = 100
+
+
+class EstimateError(RuntimeError):
+    """The estimate cannot be made (no llvm-mca, no loop found)."""
+
+
+def find_llvm_mca() -> str:
+    for name in ("llvm-mca", *(f"llvm-mca-{v}" for v in range(30, 10, -1))):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise EstimateError("llvm-mca not found: install Debian's `llvm` package (./setup.sh does: "
+                        "apt-get install llvm); it provides the Cortex-A72 pipeline model")
+
+
+def mca_cycles_per_iteration(lines: list[str], mcpu: str = "cortex-a72",
+                             triple: str = "aarch64") -> float:
+    """llvm-mca's steady-state cycles of one pass over ``lines`` (assembly instructions)."""
+    body = [ln for ln in lines if ln.strip() and not ln.strip().startswith((".", "//", ";"))
+            and not re.match(r"^\s*[\w$.]+:", ln)]
+    if not body:
+        return 0.0
+    with tempfile.NamedTemporaryFile("w", suffix=".s") as f:
+        f.write("\n".join(body) + "\n")
+        f.flush()
+        res = subprocess.run([find_llvm_mca(), f"-mtriple={triple}", f"-mcpu={mcpu}",
+                              f"-iterations={MCA_ITERATIONS}", f.name],
+                             capture_output=True, text=True, check=False)
+    m = re.search(r"Total Cycles:\s+(\d+)", res.stdout)
+    if res.returncode or not m:
+        raise EstimateError(f"llvm-mca failed: {res.stderr.strip()[-500:]}")
+    return int(m.group(1)) / MCA_ITERATIONS
+
+
+def asm_loops(asm: str) -> tuple[list[str], list[tuple[int, int, str]]]:
+    """(lines, loops): each loop is (first line, last line, label) from a label to the last
+    backward branch to it."""
+    lines = asm.splitlines()
+    labels = {}
+    for i, ln in enumerate(lines):
+        m = re.match(r"^(\.?[\w$.]+):", ln)
+        if m:
+            labels[m.group(1)] = i
+    ends: dict[str, int] = {}
+    for i, ln in enumerate(lines):
+        m = re.match(r"^\s+(?:b\.\w+|b|cbnz|cbz|tbnz|tbz)\s+(?:.*,\s*)?(\.L\w+)\s*$", ln)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            ends[m.group(1)] = i
+    return lines, sorted((labels[k], e, k) for k, e in ends.items())
+
+
+def _instructions(lines, start, end, skip=None) -> list[str]:
+    return [ln for i, ln in enumerate(lines[start:end + 1], start)
+            if ln.startswith("\t") and not ln.strip().startswith(".")
+            and not (skip and skip[0] <= i <= skip[1])]
+
+
+def main_loops(func: tirx.PrimFunc) -> list[tuple[str, int]]:
+    """(name, extent) of the loops of the main block (the one with ``schedule_rule``, its
+    update after decompose_reduction) that stay loops in machine code: serial or parallel,
+    extent > 1; outermost first."""
+    sch = s_tir.Schedule(func)
+    blocks = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))
+              if "schedule_rule" in sch.get(b).annotations]
+    main = [b for b in blocks if not b.endswith("_init")]
+    if not main:
+        raise EstimateError("no block with a schedule_rule: nothing to estimate")
+    loops = []
+    for lp in sch.get_loops(sch.get_sblock(main[-1])):
+        f = sch.get(lp)
+        if int(f.extent) > 1 and f.kind in (tirx.ForKind.SERIAL, tirx.ForKind.PARALLEL):
+            loops.append((str(f.loop_var.name), int(f.extent)))
+    return loops
+
+
+def _as_func(mod) -> tirx.PrimFunc:
+    if isinstance(mod, tirx.PrimFunc):
+        return mod
+    if isinstance(mod, s_tir.Schedule):
+        mod = mod.mod
+    funcs = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    if len(funcs) != 1:
+        raise EstimateError(f"expected one PrimFunc, got {len(funcs)}")
+    return funcs[0]
+
+
+def estimate_cycles(mod, target=None) -> dict:
+    """Estimated Cortex-A72 cycles of a scheduled kernel (a PrimFunc, an IRModule holding one,
+    or a Schedule). ``target`` defaults to the Pi 4's A72; it must be an aarch64 target
+    whose ``mcpu`` llvm-mca knows. Returns ``cycles`` (the whole main loop nest, one core),
+    ``hot_loop_cycles_per_iter``, ``trips`` (hot loop iterations), ``levels`` (name, extent,
+    cycles per iteration, total cycles, outermost first) and ``method``."""
+    find_llvm_mca()
+    target = tvm.target.Target(target or A72)
+    mcpu = str(target.attrs.get("mcpu", "cortex-a72"))
+    func = _as_func(mod)
+    tir_loops = main_loops(func)
+    if not tir_loops:
+        raise EstimateError("the main block has no loop left to estimate")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    lines, loops = asm_loops(lib.mod.inspect_source("s"))
+    if not loops:
+        raise EstimateError("no loop found in the assembly")
+
+    def inner(lp):
+        return not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)
+
+    def ancestors(lp):
+        chain = [lp]
+        while True:
+            parents = [o for o in loops if o[0] <= chain[-1][0] and chain[-1][1] <= o[1]
+                       and (o[1] - o[0]) > (chain[-1][1] - chain[-1][0])]
+            if not parents:
+                return chain
+            chain.append(min(parents, key=lambda o: o[1] - o[0]))
+
+    # the hot loop: innermost, in a nest as deep as the main block's (its function), biggest
+    innermost = [lp for lp in loops if inner(lp)]
+    deep = [lp for lp in innermost if len(ancestors(lp)) >= len(tir_loops)] or innermost
+    hot = max(deep, key=lambda lp: (len(ancestors(lp)), len(_instructions(lines, *lp[:2]))))
+    chain = ancestors(hot)[:len(tir_loops)]
+    matched = tir_loops[-len(chain):]  # innermost TIR loops <-> innermost asm loops
+    trips = 1
+    iters = []
+    for _name, extent in matched[::-1][::-1]:
+        trips *= extent
+        iters.append(trips)
+    # outer TIR loops with no asm loop of their own (not expected) multiply every level
+    outer = 1
+    for _name, extent in tir_loops[:-len(chain)]:
+        outer *= extent
+    levels, total = [], 0.0
+    for depth, (asm_lp, (name, extent), n) in enumerate(
+            zip(chain, matched[::-1], iters[::-1])):
+        skip = (chain[depth - 1][0], chain[depth - 1][1]) if depth else None
+        per_iter = mca_cycles_per_iteration(_instructions(lines, asm_lp[0], asm_lp[1], skip),
+                                            mcpu)
+        cycles = per_iter * n * outer
+        total += cycles
+        levels.append({"loop": name, "extent": extent, "asm_label": asm_lp[2],
+                       "cycles_per_iter": per_iter, "iterations": n * outer, "cycles": cycles})
+    return {"cycles": total, "hot_loop_cycles_per_iter": levels[0]["cycles_per_iter"],
+            "trips": levels[0]["iterations"], "levels": levels[::-1], "method": METHOD}
+
+
+# ----------------------------------------------------------------------------- comparisons
+RESNET18_3X3 = [  # (channels, height/width): the 3x3 stride-1 convs of each ResNet-18 stage
+    (64, 56), (128, 28), (256, 14), (512, 7)]
+
+
+def int8_conv_module(channels: int, hw: int, target) -> tvm.IRModule:
+    """tvmq's int8 conv (``topi_ops.conv2d`` + ``schedules.default``) for a 3x3 same conv."""
+    import numpy as np
+    from tvm import te
+
+    from schedules.default import schedule_conv_pairs
+    from schedules.elementwise import SCHEDULED
+    from topi_ops.conv2d import Conv2dParams, pack_conv2d, qconv2d
+
+    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 8, False)
+    rng = np.random.default_rng(0)
+    w = rng.integers(-128, 128, (channels, channels, 3, 3)).astype(np.int8)
+    wp, bp = pack_conv2d(w, np.zeros(channels, np.int32), params, target)
+    data = te.placeholder((1, channels, hw, hw), "int8", "data")
+    wt, bt = te.placeholder(wp.shape, str(wp.dtype), "w"), te.placeholder(bp.shape, "int32", "b")
+    out = qconv2d(data, wt, bt, w.shape, params, target)
+    sch = s_tir.Schedule(te.create_prim_func([data, wt, bt, out]))
+    schedule_conv_pairs(sch, sch.get_sblock("tvmq_conv_acc"), target)
+    return tvm.IRModule({"main": sch.mod["main"].with_attr(SCHEDULED, True)})
+
+
+def bitserial_conv_module(channels: int, hw: int, terms: int, target, abits: int = 2):
+    """The bit-serial ternary conv (``topi_ops.bitserial``) for a 3x3 same conv, ``terms``
+    ternary terms x ``abits``-bit activations; also returns its packed arrays."""
+    import numpy as np
+
+    from schedules.bitserial import scheduled_module
+    from topi_ops.bitserial import BitserialParams, pack_ternary
+
+    params = BitserialParams((1, 1), (1, 1, 1, 1), (1, 1), 1, abits, 0, (1 << abits) - 1)
+    rng = np.random.default_rng(0)
+    t = rng.integers(-1, 2, (terms, channels, channels, 3, 3)).astype(np.int8)
+    shifts = np.tile(np.arange(terms, dtype=np.int32)[:, None] * 3, (1, channels))
+    packed = pack_ternary(t, shifts, np.zeros(channels, np.int32),
+                          np.full(channels, 6, np.int32), params, target)
+    mod = scheduled_module((1, channels, hw, hw), packed, (channels, channels, 3, 3), params,
+                           target)
+    return mod, packed
+
+
+def resnet18_estimates(layers=RESNET18_3X3, terms=(1, 2)) -> list[dict]:
+    """Estimated A72 cycles of the int8 kernel and the bit-serial kernel per layer."""
+    from schedules.targets import resolve
+
+    arm = resolve("arm")
+    rows = []
+    for c, hw in layers:
+        row = {"layer": f"{c}->{c} 3x3 @{hw}x{hw}",
+               "int8": estimate_cycles(int8_conv_module(c, hw, arm), arm)["cycles"]}
+        for k in terms:
+            row[f"bitserial_k{k}"] = estimate_cycles(bitserial_conv_module(c, hw, k, arm)[0],
+                                                     arm)["cycles"]
+            row[f"ratio_k{k}"] = row[f"bitserial_k{k}"] / row["int8"]
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    print(f"Cortex-A72 cycles, {METHOD}; batch 1, one core")
+    for r in resnet18_estimates():
+        print(f"{r['layer']:>22}  int8 {r['int8'] / 1e6:8.2f} M   bitserial K=1 "
+              f"{r['bitserial_k1'] / 1e6:7.2f} M ({r['ratio_k1']:.2f}x)   K=2 "
+              f"{r['bitserial_k2'] / 1e6:7.2f} M ({r['ratio_k2']:.2f}x)")
