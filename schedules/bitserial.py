@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import tvm
 from tvm import s_tir
+from tvm.s_tir import TensorIntrin
 
 from schedules.elementwise import schedule_loop_nest
-from topi_ops.bitserial import lane_dtype
+from topi_ops.bitserial import inner_dtype, lane_dtype, plane_sum
 
 VECTOR_BYTES = {"aarch64": 16}
 REGISTERS = 28  # of the 32 NEON / AVX-512 vector registers, leave a few for temporaries
@@ -31,7 +32,8 @@ def _vector_bytes(target) -> int:
 
 
 def bitserial_tile(out_channels: int, width: int, terms: int, lanes: int, abits: int,
-                   acc_bytes: int, vector_bytes: int = 16) -> tuple[int, int]:
+                   acc_bytes: int, vector_bytes: int = 16,
+                   operand_lanes: int | None = None) -> tuple[int, int]:
     """(output channels, output columns) of the register tile: the most outputs whose
     accumulators (``terms`` x lanes each) plus the operands of one step (``abits`` words per
     column, 2 ``terms`` masks per channel) fit the vector registers."""
@@ -45,8 +47,9 @@ def bitserial_tile(out_channels: int, width: int, terms: int, lanes: int, abits:
         for xt in range(1, 9):
             if width % xt:
                 continue
-            need = (ot * xt * terms * regs(lanes * acc_bytes) + xt * abits * regs(lanes)
-                    + ot * 2 * terms * regs(lanes) + 2)
+            word = regs(operand_lanes or lanes)
+            need = (ot * xt * terms * regs(lanes * acc_bytes) + xt * abits * word
+                    + ot * 2 * terms * word + 2)
             # more outputs per step first, then the one reusing more loads
             key = (ot * xt, min(ot * 2 * terms, xt * abits))
             if need <= REGISTERS and key > best_key:
@@ -54,30 +57,107 @@ def bitserial_tile(out_channels: int, width: int, terms: int, lanes: int, abits:
     return best
 
 
+def neon_step_intrin(abits: int) -> str:
+    """The NEON step ``C[0:8] (int16) += pairwise(sum_b (cnt(a_b & plus) - cnt(a_b & minus))
+    << b)`` over one 16-byte word (128 channels): ``and``/``cnt``/``sub``/``shl``/``add`` on
+    16 bytes, then one ``sadalp`` (pairwise add-accumulate into 8 int16 lanes). Registered on
+    first use, one per ``abits`` (at most 4: the byte value must fit int8).
+
+    The description pairs byte lanes ``j`` and ``j + 8`` (what the compute says), ``sadalp``
+    pairs ``2j`` and ``2j + 1``: the lanes hold other partial sums, but the only reader of
+    the lanes is the epilogue, which adds all of them, so the result is exactly the same."""
+    name = f"tvmq_bitserial_step_neon_a{abits}"
+    if name in _REGISTERED:
+        return name
+    from tvm.script import tirx as T
+
+    def inner(A, M, lane):
+        return plane_sum(lambda p: A[p, lane], lambda s: M[s, lane], abits, "int8")
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((abits, 16), "uint8", offset_factor=1),
+             M: T.Buffer((2, 16), "uint8", offset_factor=1),
+             C: T.Buffer((8,), "int16", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:abits, 0:16], M[0:2, 0:16])
+            T.writes(C[0:8])
+            for j in T.serial(0, 8):
+                for q in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vj, vq = T.axis.remap("SR", [j, q])
+                        C[vj] = C[vj] + T.Cast("int16", inner(A, M, vq * 8 + vj))
+
+    def vec_inner(A, M):
+        plus, minus = M.vload([0, 0], "uint8x16"), M.vload([1, 0], "uint8x16")
+        value = None
+        for p in range(abits):
+            a = A.vload([p, 0], "uint8x16")
+            d = (T.reinterpret(T.popcount(a & plus), dtype="int8x16")
+                 - T.reinterpret(T.popcount(a & minus), dtype="int8x16"))
+            if p:
+                d = d << T.broadcast(T.int8(p), 16)
+            value = d if value is None else value + d
+        return value
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((abits, 16), "uint8", offset_factor=1),
+             M: T.Buffer((2, 16), "uint8", offset_factor=1),
+             C: T.Buffer((8,), "int16", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:abits, 0:16], M[0:2, 0:16])
+            T.writes(C[0:8])
+            C[T.ramp(T.int32(0), 1, 8)] = C[T.ramp(T.int32(0), 1, 8)] + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v8i16.v16i8"),
+                vec_inner(A, M), dtype="int16x8")
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED.add(name)
+    return name
+
+
+_REGISTERED: set = set()
+
+
+def _is_aarch64(target) -> bool:
+    return target is not None and str(target.attrs.get("mtriple", "") or "").startswith("aarch64")
+
+
 def schedule_bitserial_conv2d(sch: s_tir.Schedule, lanes_block, target: tvm.target.Target,
                               tile: tuple[int, int] | None = None) -> None:
     """Schedule ``tvmq_bitserial_lanes`` and its epilogue (see the module docstring)."""
     summed = sch.get_sblock("tvmq_bitserial_sum")
     out = sch.get_sblock("tvmq_bitserial_out")
-    n, o, y, x, i, l, ry, rx, rw = sch.get_loops(lanes_block)
-    ext = {name: int(sch.get(v).extent) for name, v in zip("oxilhwc", (o, x, i, l, ry, rx, rw))}
+    n, o, y, x, i, j, ry, rx, rw, rq = sch.get_loops(lanes_block)
+    ext = {name: int(sch.get(v).extent)
+           for name, v in zip("oxijhwcq", (o, x, i, j, ry, rx, rw, rq))}
     pack_iters = sch.get(sch.get_sblock("tvmq_bitserial_data_pack")).iter_vars
     abits = int(pack_iters[5].dom.extent)
-    acc_bytes = 2 if lane_dtype(ext["h"], ext["w"], ext["c"], abits) == "int16" else 4
-    ot, xt = tile or bitserial_tile(ext["o"], ext["x"], ext["i"], ext["l"], abits, acc_bytes,
-                                    _vector_bytes(target))
+    lanes = ext["j"] * ext["q"]
+    ldt = lane_dtype(ext["h"], ext["w"], ext["c"], abits, ext["q"])
+    neon = (_is_aarch64(target) and lanes == 16 and ext["q"] == 2 and ldt == "int16"
+            and inner_dtype(abits) == "int8")
+    ot, xt = tile or bitserial_tile(ext["o"], ext["x"], ext["i"], lanes // ext["q"], abits,
+                                    2 if ldt == "int16" else 4, _vector_bytes(target),
+                                    operand_lanes=lanes)
     oo, oi = sch.split(o, [None, ot])
     xo, xi = sch.split(x, [None, xt])
-    sch.reorder(n, oo, y, xo, ry, rx, rw, oi, xi, i, l)
+    if neon:
+        sch.reorder(n, oo, y, xo, ry, rx, rw, oi, xi, i, j, rq)
+    else:
+        sch.reorder(n, oo, y, xo, ry, rx, rw, rq, oi, xi, i, j)
     outer = sch.fuse(n, oo, y)
     sch.parallel(outer)
     sch.reverse_compute_at(summed, xo)
     sch.reverse_compute_at(out, xo)
-    if ext["l"] > 1:
-        sch.vectorize(l)  # before decompose_reduction: vectorize needs the complete block
+    if not neon and ext["j"] > 1:
+        sch.vectorize(j)  # before decompose_reduction: vectorize needs the complete block
     init = sch.decompose_reduction(lanes_block, ry)
-    if ext["l"] > 1:
+    if ext["j"] > 1:
         sch.vectorize(sch.get_loops(init)[-1])
+    if neon:
+        sch.tensorize(j, neon_step_intrin(abits))
+    else:
+        sch.unroll(rq)
     sch.unroll(i)
     sch.unroll(xi)
     sch.unroll(oi)

@@ -90,9 +90,13 @@ def main_loops(func: tirx.PrimFunc) -> list[tuple[str, int]]:
     update after decompose_reduction) that stay loops in machine code: serial or parallel,
     extent > 1; outermost first."""
     sch = s_tir.Schedule(func)
-    blocks = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))
-              if "schedule_rule" in sch.get(b).annotations]
-    main = [b for b in blocks if not b.endswith("_init")]
+    blocks = [(sch.get(b).name_hint, "schedule_rule" in sch.get(b).annotations)
+              for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    main = [b for b, ruled in blocks if ruled and not b.endswith("_init")]
+    # a tensorized update block lost its annotations: it is the init's sibling
+    inits = [b[:-len("_init")] for b, ruled in blocks if ruled and b.endswith("_init")]
+    main = main or [b for b, _ in blocks if inits and b.startswith(inits[0] + "_")
+                    and not b.endswith("_init")]
     if not main:
         raise EstimateError("no block with a schedule_rule: nothing to estimate")
     loops = []

@@ -15,13 +15,14 @@ word and term a ``(+1 mask, -1 mask)`` pair, ``[O, KH, KW, words, K, 2, L]`` uin
 Activations (per inference, the first TE stage): ``abits`` bit planes of the zero-padded
 image, ``[N, Hp, Wp, groups, words, abits, L]`` uint8.
 
-The main stage keeps one partial sum per byte lane and term (``[N, O, OH, OW, K, L]``):
+The main stage keeps one partial sum per byte lane and term (``[N, O, OH, OW, K, L/2]``):
 
-    lanes[.., i, l] += sum_b (popcount(a_b & plus_i) - popcount(a_b & minus_i)) << b
+    lanes[.., i, j] += sum_{l in (j, j + L/2)} sum_b (popcount(a_b & plus_i) - popcount(a_b & minus_i)) << b
 
 whose inner value is at most ``8 (2^abits - 1)`` in magnitude (int8 for abits <= 4), and the
 lanes accumulate in int16 when the layer's reduction cannot overflow it (decided from the
-shapes), else int32. The lane axis is spatial, so it vectorizes (NEON ``and``/``cnt``/``sub``
+shapes), else int32; one accumulator lane sums two byte lanes (``j`` and ``j + L/2``). The
+lane axis is spatial, so it vectorizes (NEON ``and``/``cnt``/``sub``
 /``saddw``, AVX-512 ``vpandq``/``vpopcntb``); the epilogue sums the lanes in int32, applies the
 per-term shifts, adds the bias and requantizes (``round_shift`` per output channel, clamp).
 Data values are taken modulo ``2^abits`` (the caller guarantees ``0 <= x < 2^abits``).
@@ -80,9 +81,31 @@ def inner_dtype(abits: int) -> str:
     return "int8" if WORD_BITS * ((1 << abits) - 1) <= 127 else "int16"
 
 
-def lane_dtype(kh: int, kw: int, words: int, abits: int) -> str:
-    """int16 when no lane sum can reach 2^15 (every tap and word adding its maximum)."""
-    return "int16" if kh * kw * words * WORD_BITS * ((1 << abits) - 1) < 2**15 else "int32"
+def lane_pairs(lanes: int) -> int:
+    """Bytes summed into one accumulator lane: 2 (the byte lanes ``j`` and ``j + L/2``; NEON
+    ``sadalp`` pairs bytes too), or 1 for one-byte words."""
+    return 2 if lanes >= 2 else 1
+
+
+def lane_dtype(kh: int, kw: int, words: int, abits: int, pairs: int = 2) -> str:
+    """int16 when no lane sum can reach 2^15 (every tap, word and paired byte adding its
+    maximum, ``8 (2^abits - 1)``)."""
+    bound = kh * kw * words * pairs * WORD_BITS * ((1 << abits) - 1)
+    return "int16" if bound < 2**15 else "int32"
+
+
+def plane_sum(load_a, load_mask, abits: int, dtype: str):
+    """``sum_b (popcount(a_b & plus) - popcount(a_b & minus)) << b`` for one byte lane:
+    ``load_a(b)`` is activation plane ``b``'s byte, ``load_mask(s)`` the +1 (s = 0) / -1
+    (s = 1) mask byte. Shared by the compute and the NEON intrinsic's description."""
+    value = None
+    for p in range(abits):
+        a = load_a(p)
+        pos = tirx.Cast(dtype, tirx.popcount(a & load_mask(0)))
+        neg = tirx.Cast(dtype, tirx.popcount(a & load_mask(1)))
+        term = pos - neg if p == 0 else (pos - neg) << tirx.const(p, dtype)
+        value = term if value is None else value + term
+    return value
 
 
 def output_hw(hw, kernel, params: BitserialParams) -> tuple[int, int]:
@@ -165,23 +188,22 @@ def qconv2d_bitserial(data: te.Tensor, masks: te.Tensor, term_shift: te.Tensor, 
 
     packed = te.compute((n, h + pt + pb, w + pl + pr, groups, words, abits, lanes), pack,
                         name="tvmq_bitserial_data_pack")
-    idt, ldt = inner_dtype(abits), lane_dtype(kh, kw, words, abits)
-    ry, rx, rw = (te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"),
-                  te.reduce_axis((0, words), "rw"))
+    pairs = lane_pairs(lanes)
+    half = lanes // pairs
+    idt, ldt = inner_dtype(abits), lane_dtype(kh, kw, words, abits, pairs)
+    ry, rx, rw, rq = (te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"),
+                      te.reduce_axis((0, words), "rw"), te.reduce_axis((0, pairs), "rq"))
 
-    def lane_sum(b, oc, y, x, i, l):
-        yy, xx, g = y * sh + ry * dh, x * sw + rx * dw, oc // og
-        value = tirx.const(0, idt)
-        for p in range(abits):
-            a = packed[b, yy, xx, g, rw, p, l]
-            pos = tirx.popcount(a & masks[oc, ry, rx, rw, i, 0, l]).astype(idt)
-            neg = tirx.popcount(a & masks[oc, ry, rx, rw, i, 1, l]).astype(idt)
-            value = value + ((pos - neg) << tirx.const(p, idt) if p else pos - neg)
-        return te.sum(value.astype(ldt), axis=[ry, rx, rw])
+    def lane_sum(b, oc, y, x, i, j):
+        yy, xx, g, l = y * sh + ry * dh, x * sw + rx * dw, oc // og, rq * half + j
+        value = plane_sum(lambda p: packed[b, yy, xx, g, rw, p, l],
+                          lambda s: masks[oc, ry, rx, rw, i, s, l], abits, idt)
+        return te.sum(tirx.Cast(ldt, value), axis=[ry, rx, rw, rq])
 
-    lanes_acc = te.compute((n, o, oh, ow, k, lanes), lane_sum, name="tvmq_bitserial_lanes",
+    # one accumulator lane per pair of byte lanes (j, j + L/2) and term
+    lanes_acc = te.compute((n, o, oh, ow, k, half), lane_sum, name="tvmq_bitserial_lanes",
                            attrs={"schedule_rule": "tvmq_bitserial_conv2d"})
-    ri, rl = te.reduce_axis((0, k), "ri"), te.reduce_axis((0, lanes), "rl")
+    ri, rl = te.reduce_axis((0, k), "ri"), te.reduce_axis((0, half), "rl")
     acc = te.compute(
         (n, o, oh, ow),
         lambda b, oc, y, x: te.sum(
