@@ -57,16 +57,18 @@ def bitserial_tile(out_channels: int, width: int, terms: int, lanes: int, abits:
     return best
 
 
-def neon_step_intrin(abits: int) -> str:
-    """The NEON step ``C[0:8] (int16) += pairwise(sum_b (cnt(a_b & plus) - cnt(a_b & minus))
-    << b)`` over one 16-byte word (128 channels): ``and``/``cnt``/``sub``/``shl``/``add`` on
-    16 bytes, then one ``sadalp`` (pairwise add-accumulate into 8 int16 lanes). Registered on
-    first use, one per ``abits`` (at most 4: the byte value must fit int8).
+def neon_step_intrin(abits: int, lanes: int = 16) -> str:
+    """The NEON step ``C[0:L/2] (int16) += pairwise(sum_b (cnt(a_b & plus) - cnt(a_b & minus))
+    << b)`` over one word of ``L`` = 16 bytes (128 channels, q registers) or 8 bytes (64
+    channels, d registers): ``and``/``cnt``/``sub``/``shl``/``add`` on bytes, then one
+    ``sadalp`` (pairwise add-accumulate into L/2 int16 lanes). Registered on first use, one
+    per (``abits``, L); abits at most 4 (the byte value must fit int8).
 
-    The description pairs byte lanes ``j`` and ``j + 8`` (what the compute says), ``sadalp``
+    The description pairs byte lanes ``j`` and ``j + L/2`` (what the compute says), ``sadalp``
     pairs ``2j`` and ``2j + 1``: the lanes hold other partial sums, but the only reader of
     the lanes is the epilogue, which adds all of them, so the result is exactly the same."""
-    name = f"tvmq_bitserial_step_neon_a{abits}"
+    name = f"tvmq_bitserial_step_neon_a{abits}_l{lanes}"
+    half = lanes // 2
     if name in _REGISTERED:
         return name
     from tvm.script import tirx as T
@@ -75,40 +77,44 @@ def neon_step_intrin(abits: int) -> str:
         return plane_sum(lambda p: A[p, lane], lambda s: M[s, lane], abits, "int8")
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((abits, 16), "uint8", offset_factor=1),
-             M: T.Buffer((2, 16), "uint8", offset_factor=1),
-             C: T.Buffer((8,), "int16", offset_factor=1)) -> None:
+    def desc(A: T.Buffer((abits, lanes), "uint8", offset_factor=1),
+             M: T.Buffer((2, lanes), "uint8", offset_factor=1),
+             C: T.Buffer((half,), "int16", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(C[0:8], A[0:abits, 0:16], M[0:2, 0:16])
-            T.writes(C[0:8])
-            for j in T.serial(0, 8):
+            T.reads(C[0:half], A[0:abits, 0:lanes], M[0:2, 0:lanes])
+            T.writes(C[0:half])
+            for j in T.serial(0, half):
                 for q in T.serial(0, 2):
                     with T.sblock("update"):
                         vj, vq = T.axis.remap("SR", [j, q])
-                        C[vj] = C[vj] + T.Cast("int16", inner(A, M, vq * 8 + vj))
+                        C[vj] = C[vj] + T.Cast("int16", inner(A, M, vq * half + vj))
+
+    u8, i8 = f"uint8x{lanes}", f"int8x{lanes}"
 
     def vec_inner(A, M):
-        plus, minus = M.vload([0, 0], "uint8x16"), M.vload([1, 0], "uint8x16")
+        plus, minus = M.vload([0, 0], u8), M.vload([1, 0], u8)
         value = None
         for p in range(abits):
-            a = A.vload([p, 0], "uint8x16")
-            d = (T.reinterpret(T.popcount(a & plus), dtype="int8x16")
-                 - T.reinterpret(T.popcount(a & minus), dtype="int8x16"))
+            a = A.vload([p, 0], u8)
+            d = (T.reinterpret(T.popcount(a & plus), dtype=i8)
+                 - T.reinterpret(T.popcount(a & minus), dtype=i8))
             if p:
-                d = d << T.broadcast(T.int8(p), 16)
+                d = d << T.broadcast(T.int8(p), lanes)
             value = d if value is None else value + d
         return value
 
+    saddlp = f"llvm.aarch64.neon.saddlp.v{half}i16.v{lanes}i8"
+
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((abits, 16), "uint8", offset_factor=1),
-             M: T.Buffer((2, 16), "uint8", offset_factor=1),
-             C: T.Buffer((8,), "int16", offset_factor=1)) -> None:
+    def impl(A: T.Buffer((abits, lanes), "uint8", offset_factor=1),
+             M: T.Buffer((2, lanes), "uint8", offset_factor=1),
+             C: T.Buffer((half,), "int16", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(C[0:8], A[0:abits, 0:16], M[0:2, 0:16])
-            T.writes(C[0:8])
-            C[T.ramp(T.int32(0), 1, 8)] = C[T.ramp(T.int32(0), 1, 8)] + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v8i16.v16i8"),
-                vec_inner(A, M), dtype="int16x8")
+            T.reads(C[0:half], A[0:abits, 0:lanes], M[0:2, 0:lanes])
+            T.writes(C[0:half])
+            C[T.ramp(T.int32(0), 1, half)] = C[T.ramp(T.int32(0), 1, half)] + \
+                T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(saddlp), vec_inner(A, M),
+                                        dtype=f"int16x{half}")
 
     TensorIntrin.register(name, desc, impl, override=True)
     _REGISTERED.add(name)
@@ -134,7 +140,7 @@ def schedule_bitserial_conv2d(sch: s_tir.Schedule, lanes_block, target: tvm.targ
     abits = int(pack_iters[5].dom.extent)
     lanes = ext["j"] * ext["q"]
     ldt = lane_dtype(ext["h"], ext["w"], ext["c"], abits, ext["q"])
-    neon = (_is_aarch64(target) and lanes == 16 and ext["q"] == 2 and ldt == "int16"
+    neon = (_is_aarch64(target) and lanes in (8, 16) and ext["q"] == 2 and ldt == "int16"
             and inner_dtype(abits) == "int8")
     ot, xt = tile or bitserial_tile(ext["o"], ext["x"], ext["i"], lanes // ext["q"], abits,
                                     2 if ldt == "int16" else 4, _vector_bytes(target),
@@ -155,7 +161,7 @@ def schedule_bitserial_conv2d(sch: s_tir.Schedule, lanes_block, target: tvm.targ
     if ext["j"] > 1:
         sch.vectorize(sch.get_loops(init)[-1])
     if neon:
-        sch.tensorize(j, neon_step_intrin(abits))
+        sch.tensorize(j, neon_step_intrin(abits, lanes))
     else:
         sch.unroll(rq)
     sch.unroll(i)
