@@ -118,12 +118,66 @@ def _as_func(mod) -> tirx.PrimFunc:
     return funcs[0]
 
 
-def estimate_cycles(mod, target=None) -> dict:
+def per_entry_trips(lines: list[str], loop: tuple[int, int, str]) -> int | None:
+    """Iterations per entry of an asm loop, when its counter is the usual one: ``add R, R,
+    #S`` + ``cmp R, #E`` (from 0 or a ``mov R, #I`` before the loop), or ``subs R, R, #S``
+    counting down from ``mov R, #I``; None when the pattern is not recognised."""
+    start, end, _ = loop
+    if not re.match(r"^\s+b\.ne\s", lines[end]):
+        return None
+    body = [ln.strip() for ln in lines[start:end] if ln.startswith("\t")]
+    pre = []
+    for ln in reversed(lines[:start]):
+        if re.match(r"^\.?[\w$.]+:", ln) and not ln.startswith(".Ltmp"):
+            break
+        pre.append(ln.strip())
+
+    def reg(r):
+        return r[1:]  # x12 / w12 -> 12
+
+    def init(r):
+        for ln in pre:  # nearest first
+            m = re.match(r"mov\s+[xw](\d+),\s+(#(-?\d+)|[xw]zr)$", ln)
+            if m and m.group(1) == reg(r):
+                return int(m.group(3)) if m.group(3) else 0
+            if re.match(rf"\w+\s+[xw]{reg(r)}\b", ln):
+                return None  # set some other way
+        return 0 if not pre else None
+
+    for ln in reversed(body):
+        m = re.match(r"cmp\s+([xw]\d+),\s+#(\d+)$", ln)
+        if m:
+            r, e = m.group(1), int(m.group(2))
+            step = [int(a.group(1)) for b in body
+                    for a in [re.match(rf"add\s+[xw]{reg(r)},\s+[xw]{reg(r)},\s+#(\d+)$", b)] if a]
+            i0 = init(r)
+            if len(step) == 1 and i0 is not None and (e - i0) % step[0] == 0 and e > i0:
+                return (e - i0) // step[0]
+            return None
+        m = re.match(r"subs\s+([xw]\d+),\s+([xw]\d+),\s+#(\d+)$", ln)
+        if m and reg(m.group(1)) == reg(m.group(2)):
+            i0 = init(m.group(1))
+            st = int(m.group(3))
+            return i0 // st if i0 and i0 % st == 0 else None
+        if re.match(r"(cmp|cmn|subs|adds|tst|ands)\s", ln):
+            return None
+    return None
+
+
+def estimate_cycles(mod, target=None, signature: tuple[str, int] | None = None) -> dict:
     """Estimated Cortex-A72 cycles of a scheduled kernel (a PrimFunc, an IRModule holding one,
-    or a Schedule). ``target`` defaults to the Pi 4's A72; it must be an aarch64 target
-    whose ``mcpu`` llvm-mca knows. Returns ``cycles`` (the whole main loop nest, one core),
-    ``hot_loop_cycles_per_iter``, ``trips`` (hot loop iterations), ``levels`` (name, extent,
-    cycles per iteration, total cycles, outermost first) and ``method``."""
+    or a Schedule). ``target`` defaults to the Pi 4's A72 (an aarch64 target whose ``mcpu``
+    llvm-mca knows).
+
+    The hot loop's iterations come from ``signature`` = (instruction regex, how many times
+    the whole kernel executes it), e.g. ``("sadalp", steps)``: iterations = that count /
+    the matches in one pass of the hot loop (exact whatever LLVM unrolled or duplicated).
+    Without it, from the TIR: the product of the main block's loop extents down to the one
+    whose extent equals the hot loop's own trip count (the loops inside it were unrolled).
+    Each enclosing asm loop adds its own instructions' cycles x its iterations (the inner
+    loop's iterations / the inner loop's trips per entry / copies of it), as long as trips
+    can be read from the assembly. Returns ``cycles``, ``hot_loop_cycles_per_iter``,
+    ``trips`` (hot loop iterations), ``levels`` (outermost first) and ``method``."""
     find_llvm_mca()
     target = tvm.target.Target(target or A72)
     mcpu = str(target.attrs.get("mcpu", "cortex-a72"))
@@ -136,45 +190,66 @@ def estimate_cycles(mod, target=None) -> dict:
     if not loops:
         raise EstimateError("no loop found in the assembly")
 
-    def inner(lp):
-        return not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)
+    def contains(outer, inner):
+        return outer != inner and outer[0] <= inner[0] and inner[1] <= outer[1]
 
-    def ancestors(lp):
-        chain = [lp]
-        while True:
-            parents = [o for o in loops if o[0] <= chain[-1][0] and chain[-1][1] <= o[1]
-                       and (o[1] - o[0]) > (chain[-1][1] - chain[-1][0])]
-            if not parents:
-                return chain
-            chain.append(min(parents, key=lambda o: o[1] - o[0]))
+    def own(lp):  # its instructions, without those of loops nested in it
+        nested = [o for o in loops if contains(lp, o)]
+        return [ln for i, ln in enumerate(lines[lp[0]:lp[1] + 1], lp[0])
+                if ln.startswith("\t") and not ln.strip().startswith(".")
+                and not any(o[0] <= i <= o[1] for o in nested)]
 
-    # the hot loop: innermost, in a nest as deep as the main block's (its function), biggest
-    innermost = [lp for lp in loops if inner(lp)]
-    deep = [lp for lp in innermost if len(ancestors(lp)) >= len(tir_loops)] or innermost
-    hot = max(deep, key=lambda lp: (len(ancestors(lp)), len(_instructions(lines, *lp[:2]))))
-    chain = ancestors(hot)[:len(tir_loops)]
-    matched = tir_loops[-len(chain):]  # innermost TIR loops <-> innermost asm loops
-    trips = 1
-    iters = []
-    for _name, extent in matched[::-1][::-1]:
-        trips *= extent
-        iters.append(trips)
-    # outer TIR loops with no asm loop of their own (not expected) multiply every level
-    outer = 1
-    for _name, extent in tir_loops[:-len(chain)]:
-        outer *= extent
-    levels, total = [], 0.0
-    for depth, (asm_lp, (name, extent), n) in enumerate(
-            zip(chain, matched[::-1], iters[::-1])):
-        skip = (chain[depth - 1][0], chain[depth - 1][1]) if depth else None
-        per_iter = mca_cycles_per_iteration(_instructions(lines, asm_lp[0], asm_lp[1], skip),
-                                            mcpu)
-        cycles = per_iter * n * outer
-        total += cycles
-        levels.append({"loop": name, "extent": extent, "asm_label": asm_lp[2],
-                       "cycles_per_iter": per_iter, "iterations": n * outer, "cycles": cycles})
-    return {"cycles": total, "hot_loop_cycles_per_iter": levels[0]["cycles_per_iter"],
-            "trips": levels[0]["iterations"], "levels": levels[::-1], "method": METHOD}
+    def parent(lp):
+        ps = [o for o in loops if contains(o, lp) and (o[1] - o[0]) > (lp[1] - lp[0])]
+        return min(ps, key=lambda o: o[1] - o[0]) if ps else None
+
+    def depth(lp):
+        d = 1
+        while (lp := parent(lp)) is not None:
+            d += 1
+        return d
+
+    innermost = [lp for lp in loops if not any(contains(lp, o) for o in loops)]
+    if signature is not None:
+        pattern, total = signature
+        count = {lp: sum(bool(re.match(rf"\s+({pattern})\s", ln)) for ln in own(lp))
+                 for lp in innermost}
+        hot = max(innermost, key=lambda lp: (count[lp], len(own(lp))))
+        if not count[hot]:
+            raise EstimateError(f"no {pattern!r} instruction in any innermost loop")
+        iterations = total / count[hot]
+        source = f"{total} x {pattern} / {count[hot]} per iteration"
+    else:
+        # the hot loop: innermost, in a nest as deep as the main block's, the biggest
+        deep = [lp for lp in innermost if depth(lp) >= len(tir_loops)] or innermost
+        hot = max(deep, key=lambda lp: (depth(lp), len(own(lp))))
+        trips = per_entry_trips(lines, hot)
+        matched = len(tir_loops) - 1
+        if trips is not None:
+            for k in range(len(tir_loops) - 1, -1, -1):
+                if tir_loops[k][1] == trips:
+                    matched = k
+                    break
+        iterations = 1
+        for _name, extent in tir_loops[:matched + 1]:
+            iterations *= extent
+        source = "TIR loops " + " x ".join(f"{n}({e})" for n, e in tir_loops[:matched + 1])
+    levels = []
+    lp, n = hot, iterations
+    while lp is not None and len(levels) < len(tir_loops):
+        per_iter = mca_cycles_per_iteration(own(lp), mcpu)
+        levels.append({"asm_label": lp[2], "instructions": len(own(lp)),
+                       "cycles_per_iter": per_iter, "iterations": n, "cycles": per_iter * n,
+                       "trips_per_entry": per_entry_trips(lines, lp)})
+        up, trips = parent(lp), levels[-1]["trips_per_entry"]
+        if up is None or trips is None:
+            break
+        size = len(own(lp))
+        copies = sum(1 for o in loops if parent(o) == up and abs(len(own(o)) - size) <= 0.1 * size)
+        lp, n = up, n / trips / max(copies, 1)
+    return {"cycles": sum(lv["cycles"] for lv in levels),
+            "hot_loop_cycles_per_iter": levels[0]["cycles_per_iter"], "trips": iterations,
+            "trips_from": source, "levels": levels[::-1], "method": METHOD}
 
 
 # ----------------------------------------------------------------------------- comparisons
@@ -203,6 +278,17 @@ def int8_conv_module(channels: int, hw: int, target) -> tvm.IRModule:
     return tvm.IRModule({"main": sch.mod["main"].with_attr(SCHEDULED, True)})
 
 
+def int8_signature(channels: int, hw: int, target) -> tuple[str, int]:
+    """NEON int16 pairs: per 8 output channels x 2 input channels x tap x pixel, one
+    ``smlal`` + one ``smlal2`` (8 int32 lanes)."""
+    from topi_ops.conv2d import PAIRS, conv_layout
+
+    if conv_layout(target) != PAIRS:
+        raise EstimateError("int8_signature knows the NEON int16-pair kernel only")
+    steps = -(-channels // 8) * hw * hw * 9 * -(-channels // 2) * 2
+    return r"smlal2?|smull2?", steps * 2
+
+
 def bitserial_conv_module(channels: int, hw: int, terms: int, target, abits: int = 2):
     """The bit-serial ternary conv (``topi_ops.bitserial``) for a 3x3 same conv, ``terms``
     ternary terms x ``abits``-bit activations; also returns its packed arrays."""
@@ -222,6 +308,16 @@ def bitserial_conv_module(channels: int, hw: int, terms: int, target, abits: int
     return mod, packed
 
 
+def bitserial_signature(channels: int, hw: int, terms: int, target) -> tuple[str, int]:
+    """The NEON step (one ``sadalp``) per output channel x pixel x term x tap x word."""
+    from topi_ops.bitserial import word_layout
+
+    words, lanes = word_layout(channels, target)
+    if lanes not in (8, 16):
+        raise EstimateError("bitserial_signature needs the NEON step (8- or 16-byte words)")
+    return "sadalp|saddlp", channels * hw * hw * terms * 9 * words
+
+
 def resnet18_estimates(layers=RESNET18_3X3, terms=(1, 2)) -> list[dict]:
     """Estimated A72 cycles of the int8 kernel and the bit-serial kernel per layer."""
     from schedules.targets import resolve
@@ -230,10 +326,12 @@ def resnet18_estimates(layers=RESNET18_3X3, terms=(1, 2)) -> list[dict]:
     rows = []
     for c, hw in layers:
         row = {"layer": f"{c}->{c} 3x3 @{hw}x{hw}",
-               "int8": estimate_cycles(int8_conv_module(c, hw, arm), arm)["cycles"]}
+               "int8": estimate_cycles(int8_conv_module(c, hw, arm), arm,
+                                       int8_signature(c, hw, arm))["cycles"]}
         for k in terms:
-            row[f"bitserial_k{k}"] = estimate_cycles(bitserial_conv_module(c, hw, k, arm)[0],
-                                                     arm)["cycles"]
+            row[f"bitserial_k{k}"] = estimate_cycles(
+                bitserial_conv_module(c, hw, k, arm)[0], arm,
+                bitserial_signature(c, hw, k, arm))["cycles"]
             row[f"ratio_k{k}"] = row[f"bitserial_k{k}"] / row["int8"]
         rows.append(row)
     return rows
