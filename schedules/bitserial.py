@@ -58,13 +58,13 @@ def bitserial_tile(out_channels: int, width: int, terms: int, lanes: int, abits:
 
 
 def neon_step_intrin(abits: int, lanes: int = 16) -> str:
-    """The NEON step ``C[0:L/2] (int16) += pairwise(sum_b (cnt(a_b & plus) - cnt(a_b & minus))
-    << b)`` over one word of ``L`` = 16 bytes (128 channels, q registers) or 8 bytes (64
-    channels, d registers): ``and``/``cnt``/``sub``/``shl``/``add`` on bytes, then one
-    ``sadalp`` (pairwise add-accumulate into L/2 int16 lanes). Registered on first use, one
-    per (``abits``, L); abits at most 4 (the byte value must fit int8).
+    """The NEON step ``C[0:L/2] (uint16) += pairwise(sum_b cnt((a_b & s) ^ m) << b)`` over
+    one word of ``L`` = 16 bytes (128 channels, q registers) or 8 bytes (64 channels, d
+    registers): ``and``/``eor``/``cnt`` per plane, ``shl``/``add`` to combine the planes, then
+    one ``uadalp`` (pairwise add-accumulate into L/2 uint16 lanes). Registered on first use,
+    one per (``abits``, L); abits at most 5 (the byte value must fit uint8).
 
-    The description pairs byte lanes ``j`` and ``j + L/2`` (what the compute says), ``sadalp``
+    The description pairs byte lanes ``j`` and ``j + L/2`` (what the compute says), ``uadalp``
     pairs ``2j`` and ``2j + 1``: the lanes hold other partial sums, but the only reader of
     the lanes is the epilogue, which adds all of them, so the result is exactly the same."""
     name = f"tvmq_bitserial_step_neon_a{abits}_l{lanes}"
@@ -74,12 +74,12 @@ def neon_step_intrin(abits: int, lanes: int = 16) -> str:
     from tvm.script import tirx as T
 
     def inner(A, M, lane):
-        return plane_sum(lambda p: A[p, lane], lambda s: M[s, lane], abits, "int8")
+        return plane_sum(lambda p: A[p, lane], lambda s: M[s, lane], abits, "uint8")
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((abits, lanes), "uint8", offset_factor=1),
              M: T.Buffer((2, lanes), "uint8", offset_factor=1),
-             C: T.Buffer((half,), "int16", offset_factor=1)) -> None:
+             C: T.Buffer((half,), "uint16", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(C[0:half], A[0:abits, 0:lanes], M[0:2, 0:lanes])
             T.writes(C[0:half])
@@ -87,34 +87,32 @@ def neon_step_intrin(abits: int, lanes: int = 16) -> str:
                 for q in T.serial(0, 2):
                     with T.sblock("update"):
                         vj, vq = T.axis.remap("SR", [j, q])
-                        C[vj] = C[vj] + T.Cast("int16", inner(A, M, vq * half + vj))
+                        C[vj] = C[vj] + T.Cast("uint16", inner(A, M, vq * half + vj))
 
-    u8, i8 = f"uint8x{lanes}", f"int8x{lanes}"
+    u8 = f"uint8x{lanes}"
 
     def vec_inner(A, M):
-        plus, minus = M.vload([0, 0], u8), M.vload([1, 0], u8)
+        support, minus = M.vload([0, 0], u8), M.vload([1, 0], u8)
         value = None
         for p in range(abits):
-            a = A.vload([p, 0], u8)
-            d = (T.reinterpret(T.popcount(a & plus), dtype=i8)
-                 - T.reinterpret(T.popcount(a & minus), dtype=i8))
+            d = T.popcount((A.vload([p, 0], u8) & support) ^ minus)
             if p:
-                d = d << T.broadcast(T.int8(p), lanes)
+                d = d << T.broadcast(T.uint8(p), lanes)
             value = d if value is None else value + d
         return value
 
-    saddlp = f"llvm.aarch64.neon.saddlp.v{half}i16.v{lanes}i8"
+    uaddlp = f"llvm.aarch64.neon.uaddlp.v{half}i16.v{lanes}i8"
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((abits, lanes), "uint8", offset_factor=1),
              M: T.Buffer((2, lanes), "uint8", offset_factor=1),
-             C: T.Buffer((half,), "int16", offset_factor=1)) -> None:
+             C: T.Buffer((half,), "uint16", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(C[0:half], A[0:abits, 0:lanes], M[0:2, 0:lanes])
             T.writes(C[0:half])
             C[T.ramp(T.int32(0), 1, half)] = C[T.ramp(T.int32(0), 1, half)] + \
-                T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(saddlp), vec_inner(A, M),
-                                        dtype=f"int16x{half}")
+                T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(uaddlp), vec_inner(A, M),
+                                        dtype=f"uint16x{half}")
 
     TensorIntrin.register(name, desc, impl, override=True)
     _REGISTERED.add(name)
@@ -140,10 +138,10 @@ def schedule_bitserial_conv2d(sch: s_tir.Schedule, lanes_block, target: tvm.targ
     abits = int(pack_iters[5].dom.extent)
     lanes = ext["j"] * ext["q"]
     ldt = lane_dtype(ext["h"], ext["w"], ext["c"], abits, ext["q"])
-    neon = (_is_aarch64(target) and lanes in (8, 16) and ext["q"] == 2 and ldt == "int16"
-            and inner_dtype(abits) == "int8")
+    neon = (_is_aarch64(target) and lanes in (8, 16) and ext["q"] == 2 and ldt == "uint16"
+            and inner_dtype(abits) == "uint8")
     ot, xt = tile or bitserial_tile(ext["o"], ext["x"], ext["i"], lanes // ext["q"], abits,
-                                    2 if ldt == "int16" else 4, _vector_bytes(target),
+                                    2 if ldt == "uint16" else 4, _vector_bytes(target),
                                     operand_lanes=lanes)
     oo, oi = sch.split(o, [None, ot])
     xo, xi = sch.split(x, [None, xt])

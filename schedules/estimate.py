@@ -170,10 +170,11 @@ def estimate_cycles(mod, target=None, signature: tuple[str, int] | None = None) 
     llvm-mca knows).
 
     The hot loop's iterations come from ``signature`` = (instruction regex, how many times
-    the whole kernel executes it), e.g. ``("sadalp", steps)``: iterations = that count /
+    the whole kernel executes it), e.g. ``("uadalp", steps)``: iterations = that count /
     the matches in one pass of the hot loop (exact whatever LLVM unrolled or duplicated).
     Without it, from the TIR: the product of the main block's loop extents down to the one
-    whose extent equals the hot loop's own trip count (the loops inside it were unrolled).
+    whose extent equals the hot loop's own trip count (the loops inside it were unrolled;
+    ambiguous when two loops have that extent, e.g. ry = rx = 3: pass a signature).
     Each enclosing asm loop adds its own instructions' cycles x its iterations (the inner
     loop's iterations / the inner loop's trips per entry / copies of it), as long as trips
     can be read from the assembly. Returns ``cycles``, ``hot_loop_cycles_per_iter``,
@@ -309,13 +310,13 @@ def bitserial_conv_module(channels: int, hw: int, terms: int, target, abits: int
 
 
 def bitserial_signature(channels: int, hw: int, terms: int, target) -> tuple[str, int]:
-    """The NEON step (one ``sadalp``) per output channel x pixel x term x tap x word."""
+    """The NEON step (one ``uadalp``) per output channel x pixel x term x tap x word."""
     from topi_ops.bitserial import word_layout
 
     words, lanes = word_layout(channels, target)
     if lanes not in (8, 16):
         raise EstimateError("bitserial_signature needs the NEON step (8- or 16-byte words)")
-    return "sadalp|saddlp", channels * hw * hw * terms * 9 * words
+    return "uadalp|uaddlp", channels * hw * hw * terms * 9 * words
 
 
 def resnet18_estimates(layers=RESNET18_3X3, terms=(1, 2)) -> list[dict]:

@@ -120,7 +120,7 @@ def test_edge_cases_are_what_they_claim():
         assert (want[:, f] == np.clip(expect, -128, 127)).all()
     assert lane_dtype(7, 7, word_layout(200, HOST)[0], 7) == "int32"
     assert lane_dtype(7, 7, word_layout(200, PI4)[0], 7) == "int32"
-    assert lane_dtype(3, 3, word_layout(512, PI4)[0], 2, 2) == "int16"
+    assert lane_dtype(3, 3, word_layout(512, PI4)[0], 2, 2) == "uint16"
 
 
 def test_reference_matches_direct_loop():

@@ -10,22 +10,32 @@ Lowering. The input channels of one group are packed into bytes (8 channels per 
 ``j`` of byte ``w`` = channel ``8 w + j``), and ``L`` bytes (``lanes``: 1..16 on aarch64, up
 to 64 on AVX-512) make one vector word of ``8 L`` channels; channel counts that are not a
 multiple of ``8 L`` are zero-padded (zero masks: padded channels add nothing, whatever the
-data holds there). Weights (at build time, :func:`pack_ternary`): per output channel, tap,
-word and term a ``(+1 mask, -1 mask)`` pair, ``[O, KH, KW, words, K, 2, L]`` uint8.
-Activations (per inference, the first TE stage): ``abits`` bit planes of the zero-padded
-image, ``[N, Hp, Wp, groups, words, abits, L]`` uint8.
+data holds there). Activations (per inference, the first TE stage): ``abits`` bit planes of
+the zero-padded image, ``[N, Hp, Wp, groups, words, abits, L]`` uint8.
 
-The main stage keeps one partial sum per byte lane and term (``[N, O, OH, OW, K, L/2]``):
+Weights (at build time, :func:`pack_ternary`): each ternary term is a (+1 mask ``p``, -1
+mask ``m``) plane pair, disjoint. Per activation plane ``a``,
 
-    lanes[.., i, j] += sum_{l in (j, j + L/2)} sum_b (popcount(a_b & plus_i) - popcount(a_b & minus_i)) << b
+    popcount(a & p) - popcount(a & m) = popcount((a & (p | m)) ^ m) - popcount(m)
 
-whose inner value is at most ``8 (2^abits - 1)`` in magnitude (int8 for abits <= 4), and the
-lanes accumulate in int16 when the layer's reduction cannot overflow it (decided from the
-shapes), else int32; one accumulator lane sums two byte lanes (``j`` and ``j + L/2``). The
-lane axis is spatial, so it vectorizes (NEON ``and``/``cnt``/``sub``
-/``saddw``, AVX-512 ``vpandq``/``vpopcntb``); the epilogue sums the lanes in int32, applies the
-per-term shifts, adds the bias and requantizes (``round_shift`` per output channel, clamp).
-Data values are taken modulo ``2^abits`` (the caller guarantees ``0 <= x < 2^abits``).
+(a set bit of ``a`` selects ``p``, a clear one ``m``), so the kernel stores the pair as
+(``p | m``, ``m``), ``[O, KH, KW, words, K, 2, L]`` uint8, spends one ``and`` + one ``eor`` +
+one ``popcount`` per plane and term instead of two of each plus a subtraction, and the
+constant ``(2^abits - 1) * sum popcount(m) << term_shift`` is taken out of the bias at build
+time (exact: zero-padded pixels give ``popcount(m) - popcount(m) = 0`` as well).
+
+The main stage keeps one partial sum per pair of byte lanes and term (``[N, O, OH, OW, K,
+L/2]``):
+
+    lanes[.., i, j] += sum_{l in (j, j + L/2)} sum_b popcount((a_b & s_i) ^ m_i) << b
+
+whose byte value is at most ``8 (2^abits - 1)`` (uint8 for abits <= 5), and the lanes
+accumulate in uint16 when the layer's reduction cannot overflow it (decided from the
+shapes), else int32. The lane axis is spatial, so it vectorizes (NEON ``and``/``eor``/
+``cnt`` + ``uadalp``, AVX-512 ``vpternlog``/``vpopcntb``); the epilogue sums the lanes in
+int32, applies the per-term shifts, adds the bias and requantizes (``round_shift`` per output
+channel, clamp). Data values are taken modulo ``2^abits`` (the caller guarantees
+``0 <= x < 2^abits``).
 """
 from __future__ import annotations
 
@@ -77,33 +87,31 @@ def word_layout(channels_per_group: int, target) -> tuple[int, int]:
 
 
 def inner_dtype(abits: int) -> str:
-    """dtype of ``sum_b (popcount+ - popcount-) << b`` for one byte (|value| <= 8 (2^abits-1))."""
-    return "int8" if WORD_BITS * ((1 << abits) - 1) <= 127 else "int16"
+    """dtype of ``sum_b popcount(..) << b`` for one byte (at most ``8 (2^abits - 1)``)."""
+    return "uint8" if WORD_BITS * ((1 << abits) - 1) <= 255 else "uint16"
 
 
 def lane_pairs(lanes: int) -> int:
     """Bytes summed into one accumulator lane: 2 (the byte lanes ``j`` and ``j + L/2``; NEON
-    ``sadalp`` pairs bytes too), or 1 for one-byte words."""
+    ``uadalp`` pairs bytes too), or 1 for one-byte words."""
     return 2 if lanes >= 2 else 1
 
 
 def lane_dtype(kh: int, kw: int, words: int, abits: int, pairs: int = 2) -> str:
-    """int16 when no lane sum can reach 2^15 (every tap, word and paired byte adding its
-    maximum, ``8 (2^abits - 1)``)."""
+    """uint16 when no lane sum can reach 2^16 (every tap, word and paired byte adding its
+    maximum, ``8 (2^abits - 1)``), else int32."""
     bound = kh * kw * words * pairs * WORD_BITS * ((1 << abits) - 1)
-    return "int16" if bound < 2**15 else "int32"
+    return "uint16" if bound < 2**16 else "int32"
 
 
 def plane_sum(load_a, load_mask, abits: int, dtype: str):
-    """``sum_b (popcount(a_b & plus) - popcount(a_b & minus)) << b`` for one byte lane:
-    ``load_a(b)`` is activation plane ``b``'s byte, ``load_mask(s)`` the +1 (s = 0) / -1
-    (s = 1) mask byte. Shared by the compute and the NEON intrinsic's description."""
+    """``sum_b popcount((a_b & s) ^ m) << b`` for one byte lane: ``load_a(b)`` is activation
+    plane ``b``'s byte, ``load_mask(0)`` the term's support ``s = p | m``, ``load_mask(1)``
+    its -1 mask ``m``. Shared by the compute and the NEON intrinsic's description."""
     value = None
     for p in range(abits):
-        a = load_a(p)
-        pos = tirx.Cast(dtype, tirx.popcount(a & load_mask(0)))
-        neg = tirx.Cast(dtype, tirx.popcount(a & load_mask(1)))
-        term = pos - neg if p == 0 else (pos - neg) << tirx.const(p, dtype)
+        ones = tirx.Cast(dtype, tirx.popcount((load_a(p) & load_mask(0)) ^ load_mask(1)))
+        term = ones if p == 0 else ones << tirx.const(p, dtype)
         value = term if value is None else value + term
     return value
 
@@ -134,8 +142,9 @@ def pack_ternary(terms: np.ndarray, term_shift: np.ndarray, bias: np.ndarray,
     """Build-time packing. ``terms`` int8 [K, O, C/groups, KH, KW] in {-1, 0, +1},
     ``term_shift`` int32 [K, O] (>= 0), ``bias`` int32 [O] (at the accumulator's exponent),
     ``out_shift`` int32 [O]. Returns ``[masks, term_shift, bias, out_shift]``:
-    masks uint8 [O, KH, KW, words, K, 2, lanes] (the +1 and -1 masks of every term),
-    term_shift int32 [O, K], bias int32 [O], out_shift int32 [O]."""
+    masks uint8 [O, KH, KW, words, K, 2, lanes] (every term's support ``p | m`` and -1
+    mask ``m``), term_shift int32 [O, K], bias int32 [O] (less the constant of the select
+    form, see the module docstring), out_shift int32 [O]."""
     terms = np.asarray(terms)
     term_shift, bias, out_shift = (np.asarray(a, np.int64) for a in (term_shift, bias, out_shift))
     _check_terms(terms, term_shift, bias, out_shift)
@@ -144,11 +153,16 @@ def pack_ternary(terms: np.ndarray, term_shift: np.ndarray, bias: np.ndarray,
     cpad = words * lanes * WORD_BITS
     t = np.zeros((k, o, cpad, kh, kw), np.int8)
     t[:, :, :cg] = terms
-    planes = np.stack([t == 1, t == -1], axis=2)          # [K, O, 2, Cpad, KH, KW]
+    planes = np.stack([t != 0, t == -1], axis=2)          # [K, O, 2, Cpad, KH, KW]
     planes = planes.reshape(k, o, 2, words, lanes, WORD_BITS, kh, kw)
     weights = (1 << np.arange(WORD_BITS)).reshape(1, 1, 1, 1, 1, WORD_BITS, 1, 1)
     masks = (planes * weights).sum(axis=5).astype(np.uint8)  # [K, O, 2, words, lanes, KH, KW]
     masks = masks.transpose(1, 5, 6, 3, 0, 2, 4)             # [O, KH, KW, words, K, 2, lanes]
+    minus = (terms == -1).reshape(k, o, -1).sum(axis=2).astype(np.int64)  # [K, O]
+    bias = bias - (((1 << params.abits) - 1) * (minus << term_shift)).sum(axis=0)
+    if np.abs(bias).max(initial=0) >= 2**31:
+        raise ValueError("bitserial conv: the bias with the -1 mask counts taken out does not "
+                         "fit int32")
     return [np.ascontiguousarray(masks), np.ascontiguousarray(term_shift.T.astype(np.int32)),
             bias.astype(np.int32), out_shift.astype(np.int32)]
 
