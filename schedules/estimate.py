@@ -17,9 +17,11 @@ Compare kernels with each other, not with wall-clock time.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import tvm
@@ -391,6 +393,42 @@ def stage_cycles(mod_builder_out, stage: str, target) -> dict:
     return estimate_cycles(sch.mod, target)
 
 
+def time_host(layers=RESNET18_3X3, terms=(1, 2), number: int = 5, repeat: int = 40) -> list[dict]:
+    """Wall-clock milliseconds on this machine (median of ``repeat`` runs of ``number``
+    calls; threads: TVM_NUM_THREADS, set it before importing tvm) of the int8 kernel and the
+    bit-serial kernel, both built for the host target."""
+    import numpy as np
+
+    from schedules.targets import resolve
+
+    host = resolve("x86")
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+
+    def median_ms(mod, arrays, out_shape):
+        lib = tvm.compile(mod, target=host)
+        args = [tvm.runtime.tensor(a, dev) for a in arrays]
+        out = tvm.runtime.tensor(np.zeros(out_shape, np.int8), dev)
+        timer = lib.jit().time_evaluator("main", dev, number=number, repeat=repeat)
+        return float(np.median(timer(*args, out).results)) * 1e3
+
+    rows = []
+    for c, hw in layers:
+        x = rng.integers(0, 4, (1, c, hw, hw)).astype(np.int8)
+        from topi_ops.conv2d import Conv2dParams, pack_conv2d
+        params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 8, False)
+        w = rng.integers(-128, 128, (c, c, 3, 3)).astype(np.int8)
+        row = {"layer": f"{c}->{c} 3x3 @{hw}x{hw}",
+               "int8_ms": median_ms(int8_conv_module(c, hw, host),
+                                    [x, *pack_conv2d(w, np.zeros(c, np.int32), params, host)],
+                                    (1, c, hw, hw))}
+        for k in terms:
+            mod, packed = bitserial_conv_module(c, hw, k, host)
+            row[f"bitserial_k{k}_ms"] = median_ms(mod, [x, *packed], (1, c, hw, hw))
+        rows.append(row)
+    return rows
+
+
 if __name__ == "__main__":
     print(f"Cortex-A72 cycles, {METHOD}; batch 1, one core; conv loop nest + data packing")
     for r in resnet18_estimates():
@@ -399,3 +437,11 @@ if __name__ == "__main__":
         print(f"{'':>22}  int8 {r['int8'] / 1e6:8.2f} M   bitserial K=1 "
               f"{r['bitserial_k1'] / 1e6:7.2f} M ({r['ratio_k1']:.2f}x)   K=2 "
               f"{r['bitserial_k2'] / 1e6:7.2f} M ({r['ratio_k2']:.2f}x)")
+    if "--host" in sys.argv:
+        cpu = tvm.target.codegen.llvm_get_system_cpu()
+        print(f"\nthis machine ({cpu}), TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}: "
+              "median ms")
+        for r in time_host():
+            print(f"{r['layer']:>22}  int8 {r['int8_ms']:7.3f}   bitserial K=1 "
+                  f"{r['bitserial_k1_ms']:7.3f} ({r['bitserial_k1_ms'] / r['int8_ms']:.2f}x)   "
+                  f"K=2 {r['bitserial_k2_ms']:7.3f} ({r['bitserial_k2_ms'] / r['int8_ms']:.2f}x)")
