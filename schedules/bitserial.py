@@ -15,28 +15,18 @@ from tvm import s_tir
 from tvm.s_tir import TensorIntrin
 
 from schedules.elementwise import schedule_loop_nest
-from topi_ops.bitserial import inner_dtype, lane_dtype, plane_sum
+from topi_ops.bitserial import Layout, plane_sum, vector_bytes
 
-VECTOR_BYTES = {"aarch64": 16}
 REGISTERS = 28  # of the 32 NEON / AVX-512 vector registers, leave a few for temporaries
-
-
-def _vector_bytes(target) -> int:
-    triple = str(target.attrs.get("mtriple", "") or "") if target is not None else ""
-    if triple.startswith("aarch64"):
-        return 16
-    has = tvm.target.codegen.llvm_cpu_has_features
-    if target is not None and has("avx512bw", target):
-        return 64
-    return 32
+# (AVX2 has 16: 14 of them)
 
 
 def bitserial_tile(out_channels: int, width: int, terms: int, lanes: int, abits: int,
-                   acc_bytes: int, vector_bytes: int = 16,
-                   operand_lanes: int | None = None) -> tuple[int, int]:
+                   acc_bytes: int, vector_bytes: int = 16, operand_bytes: int | None = None,
+                   registers: int = REGISTERS) -> tuple[int, int]:
     """(output channels, output columns) of the register tile: the most outputs whose
     accumulators (``terms`` x lanes each) plus the operands of one step (``abits`` words per
-    column, 2 ``terms`` masks per channel) fit the vector registers."""
+    column, 2 ``terms`` masks per channel, each ``operand_bytes``) fit the vector registers."""
     def regs(nbytes):
         return -(-nbytes // vector_bytes)
 
@@ -47,12 +37,12 @@ def bitserial_tile(out_channels: int, width: int, terms: int, lanes: int, abits:
         for xt in range(1, 9):
             if width % xt:
                 continue
-            word = regs(operand_lanes or lanes)
+            word = regs(operand_bytes or lanes)
             need = (ot * xt * terms * regs(lanes * acc_bytes) + xt * abits * word
                     + ot * 2 * terms * word + 2)
             # more outputs per step first, then the one reusing more loads
             key = (ot * xt, min(ot * 2 * terms, xt * abits))
-            if need <= REGISTERS and key > best_key:
+            if need <= registers and key > best_key:
                 best, best_key = (ot, xt), key
     return best
 
@@ -136,13 +126,16 @@ def schedule_bitserial_conv2d(sch: s_tir.Schedule, lanes_block, target: tvm.targ
            for name, v in zip("oxijhwcq", (o, x, i, j, ry, rx, rw, rq))}
     pack_iters = sch.get(sch.get_sblock("tvmq_bitserial_data_pack")).iter_vars
     abits = int(pack_iters[5].dom.extent)
-    lanes = ext["j"] * ext["q"]
-    ldt = lane_dtype(ext["h"], ext["w"], ext["c"], abits, ext["q"])
-    neon = (_is_aarch64(target) and lanes in (8, 16) and ext["q"] == 2 and ldt == "uint16"
-            and inner_dtype(abits) == "uint8")
-    ot, xt = tile or bitserial_tile(ext["o"], ext["x"], ext["i"], lanes // ext["q"], abits,
-                                    2 if ldt == "uint16" else 4, _vector_bytes(target),
-                                    operand_lanes=lanes)
+    fields = str(sch.get(lanes_block).annotations["tvmq_bitserial_layout"]).split("/")
+    lay = Layout(*(int(f) for f in fields[:4]), *fields[4:])
+    lanes, word_bytes = lay.lanes, lay.word_bits // 8
+    neon = (_is_aarch64(target) and lay.word_bits == 8 and lanes in (8, 16) and lay.pairs == 2
+            and lay.acc == "uint16" and lay.inner == "uint8")
+    acc_bytes = tvm.runtime.DataType(lay.acc).bits // 8
+    ot, xt = tile or bitserial_tile(ext["o"], ext["x"], ext["i"], lanes // lay.pairs, abits,
+                                    acc_bytes, vector_bytes(target),
+                                    operand_bytes=lanes * word_bytes,
+                                    registers=REGISTERS if vector_bytes(target) != 32 else 14)
     oo, oi = sch.split(o, [None, ot])
     xo, xi = sch.split(x, [None, xt])
     if neon:

@@ -313,10 +313,11 @@ def bitserial_conv_module(channels: int, hw: int, terms: int, target, abits: int
 
 def bitserial_signature(channels: int, hw: int, terms: int, target) -> tuple[str, int]:
     """The NEON step (one ``uadalp``) per output channel x pixel x term x tap x word."""
-    from topi_ops.bitserial import word_layout
+    from topi_ops.bitserial import layout
 
-    words, lanes = word_layout(channels, target)
-    if lanes not in (8, 16):
+    lay = layout(channels, 3, 3, 2, target)
+    words, lanes = lay.words, lay.lanes
+    if lay.word_bits != 8 or lanes not in (8, 16):
         raise EstimateError("bitserial_signature needs the NEON step (8- or 16-byte words)")
     return "uadalp|uaddlp", channels * hw * hw * terms * 9 * words
 

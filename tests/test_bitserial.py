@@ -14,8 +14,8 @@ import tvm
 
 from schedules.bitserial import scheduled_module
 from schedules.targets import has_feature, resolve
-from topi_ops.bitserial import (BitserialParams, lane_dtype, pack_ternary,
-                                qconv2d_bitserial_python, word_layout)
+from topi_ops.bitserial import (BitserialParams, layout, pack_ternary,
+                                qconv2d_bitserial_python)
 
 HOST = resolve("x86")
 HASWELL = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})  # AVX2 only
@@ -118,9 +118,9 @@ def test_edge_cases_are_what_they_claim():
         b, s = int(zero.bias[f]), int(zero.out_shift[f])
         expect = (b + (1 << (s - 1)) >> s) if s > 0 else b << -s
         assert (want[:, f] == np.clip(expect, -128, 127)).all()
-    assert lane_dtype(7, 7, word_layout(200, HOST)[0], 7) == "int32"
-    assert lane_dtype(7, 7, word_layout(200, PI4)[0], 7) == "int32"
-    assert lane_dtype(3, 3, word_layout(512, PI4)[0], 2, 2) == "uint16"
+    assert layout(200, 7, 7, 7, PI4).acc == "int32"  # the int32-lanes case on aarch64
+    assert layout(512, 3, 3, 2, PI4) == (8, 4, 16, 2, "uint8", "uint16")
+    assert layout(67, 3, 3, 2, HOST)[:4] == (64, 1, 2, 1)  # x86: 64-channel words
 
 
 def test_reference_matches_direct_loop():

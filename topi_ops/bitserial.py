@@ -40,15 +40,13 @@ channel, clamp). Data values are taken modulo ``2^abits`` (the caller guarantees
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import tvm
 from tvm import te, tirx
 
 from topi_ops.requantize import clamp, round_shift
-
-WORD_BITS = 8  # channels per byte lane
-
 
 @dataclass(frozen=True)
 class BitserialParams:
@@ -64,11 +62,29 @@ class BitserialParams:
     hi: int = 127
 
 
-def max_lanes(target) -> int:
-    """Bytes per vector word: a NEON q register (16), an AVX2 ymm (32), an AVX-512 zmm (64)."""
-    if target is None or target.kind.name != "llvm":
-        return 16
-    if str(target.attrs.get("mtriple", "") or "").startswith("aarch64"):
+class Layout(NamedTuple):
+    """How one group's channels become machine words (decided per target, used by the
+    build-time packing, the kernel and its schedule alike)."""
+
+    word_bits: int  # channels per word: 8 (bytes: NEON cnt) or 64 (x86 popcnt / vpopcntq)
+    words: int  # vector words per group (a vector word = ``lanes`` words)
+    lanes: int  # words per vector word (a power of two)
+    pairs: int  # words summed into one accumulator lane (2: NEON uadalp's byte pairs)
+    inner: str  # dtype of one word's ``sum_b popcount(..) << b``
+    acc: str  # accumulator lane dtype
+
+    @property
+    def word(self) -> str:
+        return f"uint{self.word_bits}"
+
+
+def _is_aarch64(target) -> bool:
+    return target is not None and str(target.attrs.get("mtriple", "") or "").startswith("aarch64")
+
+
+def vector_bytes(target) -> int:
+    """A NEON q register (16), an AVX2 ymm (32), an AVX-512 zmm (64); SSE 16."""
+    if target is None or target.kind.name != "llvm" or _is_aarch64(target):
         return 16
     has = tvm.target.codegen.llvm_cpu_has_features
     if has("avx512bw", target):
@@ -76,32 +92,24 @@ def max_lanes(target) -> int:
     return 32 if has("avx2", target) else 16
 
 
-def word_layout(channels_per_group: int, target) -> tuple[int, int]:
-    """(words, lanes): ``lanes`` bytes per word (a power of two, at most ``max_lanes``, no
-    more than the channels need), ``words`` words cover the channels of one group."""
-    nbytes = -(-channels_per_group // WORD_BITS)
+def layout(channels_per_group: int, kh: int, kw: int, abits: int, target) -> Layout:
+    """Bytes with 16 per vector (2 per uint16 accumulator lane) on aarch64: NEON counts bits
+    per byte (``cnt``) and widens pairs (``uadalp``). 64-bit words on x86: one ``popcnt`` or
+    ``vpopcntq`` lane per 64 channels, accumulated in uint64 lanes (no widening at all)."""
+    x86 = target is not None and target.kind.name == "llvm" and not _is_aarch64(target)
+    word_bits = 64 if x86 else 8
+    nwords = -(-channels_per_group // word_bits)
     lanes = 1
-    while lanes < nbytes and lanes < max_lanes(target):
+    while lanes < nwords and lanes < vector_bytes(target) * 8 // word_bits:
         lanes *= 2
-    return -(-nbytes // lanes), lanes
-
-
-def inner_dtype(abits: int) -> str:
-    """dtype of ``sum_b popcount(..) << b`` for one byte (at most ``8 (2^abits - 1)``)."""
-    return "uint8" if WORD_BITS * ((1 << abits) - 1) <= 255 else "uint16"
-
-
-def lane_pairs(lanes: int) -> int:
-    """Bytes summed into one accumulator lane: 2 (the byte lanes ``j`` and ``j + L/2``; NEON
-    ``uadalp`` pairs bytes too), or 1 for one-byte words."""
-    return 2 if lanes >= 2 else 1
-
-
-def lane_dtype(kh: int, kw: int, words: int, abits: int, pairs: int = 2) -> str:
-    """uint16 when no lane sum can reach 2^16 (every tap, word and paired byte adding its
-    maximum, ``8 (2^abits - 1)``), else int32."""
-    bound = kh * kw * words * pairs * WORD_BITS * ((1 << abits) - 1)
-    return "uint16" if bound < 2**16 else "int32"
+    words = -(-nwords // lanes)
+    top = word_bits * ((1 << abits) - 1)  # one word's sum_b popcount << b, at most
+    if x86:
+        return Layout(64, words, lanes, 1, "uint64", "uint64")
+    pairs = 2 if lanes >= 2 else 1
+    inner = "uint8" if top <= 255 else "uint16"
+    acc = "uint16" if kh * kw * words * pairs * top < 2**16 else "int32"
+    return Layout(8, words, lanes, pairs, inner, acc)
 
 
 def plane_sum(load_a, load_mask, abits: int, dtype: str):
@@ -142,21 +150,23 @@ def pack_ternary(terms: np.ndarray, term_shift: np.ndarray, bias: np.ndarray,
     """Build-time packing. ``terms`` int8 [K, O, C/groups, KH, KW] in {-1, 0, +1},
     ``term_shift`` int32 [K, O] (>= 0), ``bias`` int32 [O] (at the accumulator's exponent),
     ``out_shift`` int32 [O]. Returns ``[masks, term_shift, bias, out_shift]``:
-    masks uint8 [O, KH, KW, words, K, 2, lanes] (every term's support ``p | m`` and -1
+    masks uint8/uint64 (``layout``) [O, KH, KW, words, K, 2, lanes] (every term's support ``p | m`` and -1
     mask ``m``), term_shift int32 [O, K], bias int32 [O] (less the constant of the select
     form, see the module docstring), out_shift int32 [O]."""
     terms = np.asarray(terms)
     term_shift, bias, out_shift = (np.asarray(a, np.int64) for a in (term_shift, bias, out_shift))
     _check_terms(terms, term_shift, bias, out_shift)
     k, o, cg, kh, kw = terms.shape
-    words, lanes = word_layout(cg, target)
-    cpad = words * lanes * WORD_BITS
+    lay = layout(cg, kh, kw, params.abits, target)
+    words, lanes, wb = lay.words, lay.lanes, lay.word_bits
+    cpad = words * lanes * wb
     t = np.zeros((k, o, cpad, kh, kw), np.int8)
     t[:, :, :cg] = terms
     planes = np.stack([t != 0, t == -1], axis=2)          # [K, O, 2, Cpad, KH, KW]
-    planes = planes.reshape(k, o, 2, words, lanes, WORD_BITS, kh, kw)
-    weights = (1 << np.arange(WORD_BITS)).reshape(1, 1, 1, 1, 1, WORD_BITS, 1, 1)
-    masks = (planes * weights).sum(axis=5).astype(np.uint8)  # [K, O, 2, words, lanes, KH, KW]
+    planes = planes.reshape(k, o, 2, words, lanes, wb, kh, kw).astype(np.uint64)
+    weights = (np.uint64(1) << np.arange(wb, dtype=np.uint64)).reshape(1, 1, 1, 1, 1, wb, 1, 1)
+    masks = (planes * weights).sum(axis=5, dtype=np.uint64).astype(lay.word)
+    # masks: [K, O, 2, words, lanes, KH, KW]
     masks = masks.transpose(1, 5, 6, 3, 0, 2, 4)             # [O, KH, KW, words, K, 2, lanes]
     minus = (terms == -1).reshape(k, o, -1).sum(axis=2).astype(np.int64)  # [K, O]
     bias = bias - (((1 << params.abits) - 1) * (minus << term_shift)).sum(axis=0)
@@ -180,31 +190,38 @@ def qconv2d_bitserial(data: te.Tensor, masks: te.Tensor, term_shift: te.Tensor, 
     if c != cg * groups or o % groups or (_o, _kh, _kw) != (o, kh, kw):
         raise ValueError(f"bitserial conv: data {data.shape}, weight {weight_shape}, groups "
                          f"{groups} and packed masks {masks.shape} do not agree")
-    if not 1 <= abits <= 8:
-        raise ValueError(f"bitserial conv: abits must be 1..8, got {abits}")
+    if not 1 <= abits <= 7:
+        raise ValueError(f"bitserial conv: abits must be 1..7 (int8 data), got {abits}")
+    lay = layout(cg, kh, kw, abits, target)
+    if (lay.words, lay.lanes, lay.word) != (words, lanes, str(masks.dtype)):
+        raise ValueError(f"bitserial conv: masks {masks.shape} {masks.dtype} were packed for "
+                         f"another target than {target} ({lay})")
+    wb = lay.word_bits
     og = o // groups
     pt, pl, pb, pr = params.padding
     (sh, sw), (dh, dw) = params.strides, params.dilation
     oh, ow = output_hw((h, w), (kh, kw), params)
 
+    wt = lay.word
+
     def pack(b, y, x, g, wd, p, l):
-        word = tirx.const(0, "uint8")
+        word = tirx.const(0, wt)
         inside = tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)
-        for j in range(WORD_BITS):
-            ch = (wd * lanes + l) * WORD_BITS + j
+        for j in range(wb):
+            ch = (wd * lanes + l) * wb + j
             v = data[b, g * cg + tirx.min(ch, cg - 1), tirx.min(tirx.max(y - pt, 0), h - 1),
                      tirx.min(tirx.max(x - pl, 0), w - 1)].astype("uint8")
             bit = tirx.if_then_else(tirx.all(inside, ch < cg),
                                     (v >> p.astype("uint8")) & tirx.const(1, "uint8"),
                                     tirx.const(0, "uint8"))
-            word = word | (bit << tirx.const(j, "uint8"))
+            word = word | (bit.astype(wt) << tirx.const(j, wt))
         return word
 
     packed = te.compute((n, h + pt + pb, w + pl + pr, groups, words, abits, lanes), pack,
                         name="tvmq_bitserial_data_pack")
-    pairs = lane_pairs(lanes)
+    pairs = lay.pairs
     half = lanes // pairs
-    idt, ldt = inner_dtype(abits), lane_dtype(kh, kw, words, abits, pairs)
+    idt, ldt = lay.inner, lay.acc
     ry, rx, rw, rq = (te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"),
                       te.reduce_axis((0, words), "rw"), te.reduce_axis((0, pairs), "rq"))
 
@@ -216,7 +233,8 @@ def qconv2d_bitserial(data: te.Tensor, masks: te.Tensor, term_shift: te.Tensor, 
 
     # one accumulator lane per pair of byte lanes (j, j + L/2) and term
     lanes_acc = te.compute((n, o, oh, ow, k, half), lane_sum, name="tvmq_bitserial_lanes",
-                           attrs={"schedule_rule": "tvmq_bitserial_conv2d"})
+                           attrs={"schedule_rule": "tvmq_bitserial_conv2d",
+                                  "tvmq_bitserial_layout": "/".join(map(str, lay))})
     ri, rl = te.reduce_axis((0, k), "ri"), te.reduce_axis((0, half), "rl")
     acc = te.compute(
         (n, o, oh, ow),
