@@ -47,6 +47,17 @@ def bitserial_tile(out_channels: int, width: int, terms: int, lanes: int, abits:
     return best
 
 
+def _registers(target, operand_bytes: int) -> int:
+    """Registers the tile may fill: 28 of 32 (NEON, AVX-512), 14 of 16 ymm (AVX2), and 12
+    general-purpose registers when a word is one scalar (64 channels, x86 ``popcnt``): there
+    the measured best is a 1 x 1 tile."""
+    if _is_aarch64(target):
+        return REGISTERS
+    if operand_bytes <= 8:
+        return 7  # measured on znver4: one output per step beat every larger tile
+    return REGISTERS if vector_bytes(target) == 64 else 14
+
+
 def neon_step_intrin(abits: int, lanes: int = 16) -> str:
     """The NEON step ``C[0:L/2] (uint16) += pairwise(sum_b cnt((a_b & s) ^ m) << b)`` over
     one word of ``L`` = 16 bytes (128 channels, q registers) or 8 bytes (64 channels, d
@@ -135,7 +146,7 @@ def schedule_bitserial_conv2d(sch: s_tir.Schedule, lanes_block, target: tvm.targ
     ot, xt = tile or bitserial_tile(ext["o"], ext["x"], ext["i"], lanes // lay.pairs, abits,
                                     acc_bytes, vector_bytes(target),
                                     operand_bytes=lanes * word_bytes,
-                                    registers=REGISTERS if vector_bytes(target) != 32 else 14)
+                                    registers=_registers(target, lanes * word_bytes))
     oo, oi = sch.split(o, [None, ot])
     xo, xi = sch.split(x, [None, xt])
     if neon:
@@ -162,10 +173,12 @@ def schedule_bitserial_conv2d(sch: s_tir.Schedule, lanes_block, target: tvm.targ
     schedule_loop_nest(sch, sch.get_sblock("tvmq_bitserial_data_pack"), target)
 
 
-def scheduled_module(data_shape, packed, weight_shape, params, target) -> tvm.IRModule:
+def scheduled_module(data_shape, packed, weight_shape, params, target,
+                     tile: tuple[int, int] | None = None) -> tvm.IRModule:
     """The standalone kernel as a scheduled IRModule (``main``): arguments are the int8 data
     ``data_shape``, the arrays of ``topi_ops.bitserial.pack_ternary`` (``packed``, numpy)
-    and the int8 output. For tests, estimates and benchmarks."""
+    and the int8 output; ``tile`` overrides the register tile. For tests, estimates and
+    benchmarks."""
     from tvm import te
 
     from schedules.elementwise import SCHEDULED
@@ -175,5 +188,5 @@ def scheduled_module(data_shape, packed, weight_shape, params, target) -> tvm.IR
     consts = [te.placeholder(a.shape, str(a.dtype), f"packed{i}") for i, a in enumerate(packed)]
     out = qconv2d_bitserial(data, *consts, weight_shape, params, target)
     sch = s_tir.Schedule(te.create_prim_func([data, *consts, out]))
-    schedule_bitserial_conv2d(sch, sch.get_sblock("tvmq_bitserial_lanes"), target)
+    schedule_bitserial_conv2d(sch, sch.get_sblock("tvmq_bitserial_lanes"), target, tile)
     return tvm.IRModule({"main": sch.mod["main"].with_attr(SCHEDULED, True)})
