@@ -157,6 +157,8 @@ def test_pi4_asm_uses_neon_cnt():
     asm = pi_asm(CASES[3])
     assert re.search(r"\bcnt\s+v\d+\.(16|8)b", asm), "no NEON cnt"
     assert re.search(r"\band\s+v\d+\.(16|8)b", asm), "no vector AND"
+    assert re.search(r"\beor\s+v\d+\.(16|8)b", asm), "no vector EOR (select form)"
+    assert re.search(r"\buadalp\s+v\d+\.(8|4)h", asm), "no pairwise widening accumulate"
 
 
 def test_pi4_asm_uses_q_registers_for_wide_channels():
@@ -164,10 +166,13 @@ def test_pi4_asm_uses_q_registers_for_wide_channels():
     assert re.search(r"\bcnt\s+v\d+\.16b", asm)
 
 
-def test_avx512_asm_uses_vpopcnt():
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
+@pytest.mark.parametrize("target", [HOST, tvm.target.Target(
+    {"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})], ids=["host", "icelake"])
+def test_avx512_vpopcntdq_asm_uses_vpopcnt(target):
+    if not has_feature(target, "avx512vpopcntdq"):  # only the host can lack it (icelake runs)
+        pytest.skip("this host has no AVX-512 VPOPCNTDQ; the icelake build checks that path")
     asm = tvm.compile(CASES[4].module(target), target=target).mod.inspect_source("s")
-    assert re.search(r"\bvpopcnt[bwdq]\b", asm), "no AVX-512 popcount"
+    assert re.search(r"\bvpopcntq\b", asm), "no AVX-512 VPOPCNTDQ popcount"
 
 
 def test_avx2_asm_has_no_vpopcnt():
@@ -200,3 +205,33 @@ def test_exact_on_emulated_pi(emulated_pi, tmp_path):
             failures.append(f"{case.name}: {(got != want).sum()} of {want.size} differ")
     board.close()
     assert not failures, failures
+
+
+def test_relax_call_te_and_default_schedule_rule():
+    """How a lowering uses the kernel: packed arrays as Relax constants, the kernel through
+    ``bb.call_te`` (Python objects bound with functools.partial), the schedule found through
+    ``schedules.default.RULES`` by the block's ``schedule_rule``."""
+    import functools
+
+    from tvm import relax
+
+    from schedules.default import apply_default_schedules
+    from schedules.elementwise import is_scheduled
+    from topi_ops.bitserial import qconv2d_bitserial
+
+    case = CASES[2]
+    packed = case.packed(HOST)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(case.x.shape, "int8"))
+    with bb.function("main", [x]):
+        kernel = functools.partial(qconv2d_bitserial, weight_shape=case.weight_shape,
+                                   params=case.params, target=HOST)
+        out = bb.emit(bb.call_te(kernel, x, *[relax.const(a) for a in packed],
+                                 primfunc_name_hint="tvmq_bitserial_conv2d"))
+        bb.emit_func_output(out)
+    mod = apply_default_schedules(bb.get(), HOST)
+    funcs = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) == 1 and is_scheduled(funcs[0])
+    ex = tvm.compile(mod, target=HOST)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    assert_exact(vm["main"](tvm.runtime.tensor(case.x)).numpy(), case.want())
