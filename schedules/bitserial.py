@@ -123,6 +123,41 @@ def neon_step_intrin(abits: int, lanes: int = 16) -> str:
 _REGISTERED: set = set()
 
 
+def neon_hsum_intrin(half: int) -> str:
+    """``C[0] (int32) += sum_l A[0:half] (uint16)``: one NEON ``uaddlv`` (add across the
+    lanes, widening), the epilogue's horizontal sum of a term's accumulator."""
+    name = f"tvmq_bitserial_hsum_neon_u16x{half}"
+    if name in _REGISTERED:
+        return name
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((half,), "uint16", offset_factor=1),
+             C: T.Buffer((1,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:1], A[0:half])
+            T.writes(C[0:1])
+            for l in T.serial(0, half):
+                with T.sblock("update"):
+                    vl = T.axis.remap("R", [l])
+                    C[0] = C[0] + T.Cast("int32", A[vl])
+
+    intrin = f"llvm.aarch64.neon.uaddlv.i32.v{half}i16"
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((half,), "uint16", offset_factor=1),
+             C: T.Buffer((1,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:1], A[0:half])
+            T.writes(C[0:1])
+            C[0] = C[0] + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(intrin),
+                                                  A.vload([0], f"uint16x{half}"), dtype="int32")
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED.add(name)
+    return name
+
+
 def _is_aarch64(target) -> bool:
     return target is not None and str(target.attrs.get("mtriple", "") or "").startswith("aarch64")
 
@@ -156,6 +191,7 @@ def schedule_bitserial_conv2d(sch: s_tir.Schedule, lanes_block, target: tvm.targ
     outer = sch.fuse(n, oo, y)
     sch.parallel(outer)
     sch.reverse_compute_at(summed, xo)
+    sch.reverse_compute_at(sch.get_sblock("tvmq_bitserial_terms"), xo)
     sch.reverse_compute_at(out, xo)
     if not neon and ext["j"] > 1:
         sch.vectorize(j)  # before decompose_reduction: vectorize needs the complete block
@@ -164,6 +200,9 @@ def schedule_bitserial_conv2d(sch: s_tir.Schedule, lanes_block, target: tvm.targ
         sch.vectorize(sch.get_loops(init)[-1])
     if neon:
         sch.tensorize(j, neon_step_intrin(abits, lanes))
+        sum_init = sch.decompose_reduction(summed, sch.get_loops(summed)[-1])
+        sch.tensorize(sch.get_loops(summed)[-1], neon_hsum_intrin(lanes // 2))
+        sch.unroll(sch.get_loops(sum_init)[-1])
     else:
         sch.unroll(rq)
     sch.unroll(i)

@@ -159,6 +159,7 @@ def test_pi4_asm_uses_neon_cnt():
     assert re.search(r"\band\s+v\d+\.(16|8)b", asm), "no vector AND"
     assert re.search(r"\beor\s+v\d+\.(16|8)b", asm), "no vector EOR (select form)"
     assert re.search(r"\buadalp\s+v\d+\.(8|4)h", asm), "no pairwise widening accumulate"
+    assert re.search(r"\buaddlv\s", asm), "no horizontal sum across the lanes"
 
 
 def test_pi4_asm_uses_q_registers_for_wide_channels():

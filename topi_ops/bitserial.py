@@ -235,12 +235,17 @@ def qconv2d_bitserial(data: te.Tensor, masks: te.Tensor, term_shift: te.Tensor, 
     lanes_acc = te.compute((n, o, oh, ow, k, half), lane_sum, name="tvmq_bitserial_lanes",
                            attrs={"schedule_rule": "tvmq_bitserial_conv2d",
                                   "tvmq_bitserial_layout": "/".join(map(str, lay))})
-    ri, rl = te.reduce_axis((0, k), "ri"), te.reduce_axis((0, half), "rl")
+    rl = te.reduce_axis((0, half), "rl")
+    term_sum = te.compute(  # one horizontal sum per term (NEON: one uaddlv)
+        (n, o, oh, ow, k),
+        lambda b, oc, y, x, i: te.sum(lanes_acc[b, oc, y, x, i, rl].astype("int32"), axis=rl),
+        name="tvmq_bitserial_sum")
+
+    ri = te.reduce_axis((0, k), "ri")
     acc = te.compute(
         (n, o, oh, ow),
-        lambda b, oc, y, x: te.sum(
-            lanes_acc[b, oc, y, x, ri, rl].astype("int32") << term_shift[oc, ri], axis=[ri, rl]),
-        name="tvmq_bitserial_sum")
+        lambda b, oc, y, x: te.sum(term_sum[b, oc, y, x, ri] << term_shift[oc, ri], axis=ri),
+        name="tvmq_bitserial_terms")
     return te.compute(
         (n, o, oh, ow),
         lambda b, oc, y, x: clamp(round_shift(acc[b, oc, y, x] + bias[oc], out_shift[oc]),
