@@ -1,10 +1,12 @@
 """Default schedule of the bit-serial ternary conv (``topi_ops.bitserial``), x86 and aarch64.
 
-The lane-sum block ``tvmq_bitserial_lanes`` [N, O, OH, OW, K, L] is tiled by output channels
-x output columns; its reduction (taps, words) runs outside the tile, so each step loads the
-tile's activation words and mask pairs once and reuses them across the tile; the lane axis
-(L bytes = one vector word) is vectorized, the tile unrolled, and the tile's accumulators are
-local (registers). The lane sum, term shifts and requantization run right after each tile.
+The lane-sum block ``tvmq_bitserial_lanes`` [N, O, OH, OW, K, L/pairs] is tiled by output
+channels x output columns; its reduction (taps, words) runs outside the tile, so each step
+loads the tile's activation words and mask pairs once and reuses them across the tile; the
+lane axis (one vector word) is vectorized (aarch64: tensorized with the NEON step
+``and``/``eor``/``cnt``/``uadalp``), the tile unrolled, and the tile's accumulators are local
+(registers). The lane sums (NEON ``uaddlv``), term shifts and requantization run right after
+each tile.
 The outer loop (batch x channel tiles x rows) is parallel; the bit-plane packing of the
 activations is a parallel loop nest of its own.
 """

@@ -6,12 +6,14 @@ Semantics (``qconv2d_bitserial_python`` is the reference):
     acc[n, o, y, x] = sum_i (conv(x, terms[i])[n, o, y, x] << term_shift[i, o]) + bias[o]
     out = clamp(round_shift(acc, out_shift[o]), lo, hi)          (int8)
 
-Lowering. The input channels of one group are packed into bytes (8 channels per byte, bit
-``j`` of byte ``w`` = channel ``8 w + j``), and ``L`` bytes (``lanes``: 1..16 on aarch64, up
-to 64 on AVX-512) make one vector word of ``8 L`` channels; channel counts that are not a
-multiple of ``8 L`` are zero-padded (zero masks: padded channels add nothing, whatever the
-data holds there). Activations (per inference, the first TE stage): ``abits`` bit planes of
-the zero-padded image, ``[N, Hp, Wp, groups, words, abits, L]`` uint8.
+Lowering (``layout`` decides per target). The input channels of one group are packed into
+machine words, bit ``j`` of word ``w`` = channel ``B w + j``: bytes (B = 8) on aarch64, where
+NEON counts bits per byte (``cnt``), 64-bit words on x86 (``popcnt``, AVX-512 ``vpopcntq``,
+AVX2's nibble lookup). ``L`` words (``lanes``: up to 16 bytes on NEON, 8 uint64 on AVX-512,
+4 on AVX2) make one vector word of ``B L`` channels; channel counts that are not a multiple
+of ``B L`` are zero-padded (zero masks: padded channels add nothing, whatever the data holds
+there). Activations (per inference, the first TE stage): ``abits`` bit planes of the
+zero-padded image, ``[N, Hp, Wp, groups, words, abits, L]`` uint8/uint64.
 
 Weights (at build time, :func:`pack_ternary`): each ternary term is a (+1 mask ``p``, -1
 mask ``m``) plane pair, disjoint. Per activation plane ``a``,
@@ -19,22 +21,23 @@ mask ``m``) plane pair, disjoint. Per activation plane ``a``,
     popcount(a & p) - popcount(a & m) = popcount((a & (p | m)) ^ m) - popcount(m)
 
 (a set bit of ``a`` selects ``p``, a clear one ``m``), so the kernel stores the pair as
-(``p | m``, ``m``), ``[O, KH, KW, words, K, 2, L]`` uint8, spends one ``and`` + one ``eor`` +
+(``p | m``, ``m``), ``[O, KH, KW, words, K, 2, L]`` uint8/uint64, spends one ``and`` + one ``eor`` +
 one ``popcount`` per plane and term instead of two of each plus a subtraction, and the
 constant ``(2^abits - 1) * sum popcount(m) << term_shift`` is taken out of the bias at build
 time (exact: zero-padded pixels give ``popcount(m) - popcount(m) = 0`` as well).
 
-The main stage keeps one partial sum per pair of byte lanes and term (``[N, O, OH, OW, K,
-L/2]``):
+The main stage keeps one partial sum per term and lane (``[N, O, OH, OW, K, L/pairs]``):
 
     lanes[.., i, j] += sum_{l in (j, j + L/2)} sum_b popcount((a_b & s_i) ^ m_i) << b
 
-whose byte value is at most ``8 (2^abits - 1)`` (uint8 for abits <= 5), and the lanes
-accumulate in uint16 when the layer's reduction cannot overflow it (decided from the
-shapes), else int32. The lane axis is spatial, so it vectorizes (NEON ``and``/``eor``/
-``cnt`` + ``uadalp``, AVX-512 ``vpternlog``/``vpopcntb``); the epilogue sums the lanes in
-int32, applies the per-term shifts, adds the bias and requantizes (``round_shift`` per output
-channel, clamp). Data values are taken modulo ``2^abits`` (the caller guarantees
+On aarch64 a lane sums two byte lanes (``pairs`` = 2, what NEON ``uadalp`` does), the byte
+value is at most ``8 (2^abits - 1)`` (uint8 for abits <= 5) and the lanes accumulate in
+uint16 when the layer's reduction cannot overflow it (decided from the shapes), else int32;
+on x86 a lane is one uint64 word accumulated in uint64. The lane axis is spatial, so it
+vectorizes (NEON ``and``/``eor``/``cnt`` + ``uadalp``, tensorized; x86 ``vpand``/``vpxor``/
+``vpopcntq``/``vpaddq``); the epilogue sums each term's lanes in int32 (NEON ``uaddlv``),
+applies the per-term shifts, adds the bias and requantizes (``round_shift`` per output
+channel, clamp), on the register tile. Data values are taken modulo ``2^abits`` (the caller guarantees
 ``0 <= x < 2^abits``).
 """
 from __future__ import annotations
