@@ -6,6 +6,7 @@ cd "$(dirname "$0")"
 need=()
 command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
+compgen -c llvm-mca | grep -q . || need+=(llvm)  # llvm-mca: Cortex-A72 cycle estimates
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
   $SUDO apt-get update -qq

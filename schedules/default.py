@@ -9,6 +9,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
+from schedules.bitserial import schedule_bitserial_conv2d
 from schedules.elementwise import SCHEDULED, is_scheduled, schedule_loop_nest
 from schedules.intrinsics import DOT_8X2_AVX2, DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI
 from schedules.targets import has_feature
@@ -76,7 +77,7 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         schedule_loop_nest(sch, sch.get_sblock(name), target)
 
 
-RULES = {"tvmq_qconv2d_pairs": schedule_conv_pairs}
+RULES = {"tvmq_qconv2d_pairs": schedule_conv_pairs, "tvmq_bitserial_conv2d": schedule_bitserial_conv2d}
 
 
 def ruled_blocks(sch: s_tir.Schedule) -> list:
