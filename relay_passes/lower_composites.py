@@ -128,10 +128,14 @@ LOWERINGS: dict[str, "Callable | dict[str, Callable]"] = {
 }
 
 
-def alternatives(composite: str) -> dict[str, Callable]:
-    """The named lowerings of a composite (one entry, ``"int8"``, for a plain rule)."""
+def alternatives(composite: str, attrs: list | None = None) -> dict[str, Callable]:
+    """The named lowerings of a composite (one entry, ``"int8"``, for a plain rule); with
+    the call's scalar ``attrs``, only those whose ``rule.applies(attrs)`` holds."""
     rule = LOWERINGS[composite]
-    return rule if isinstance(rule, dict) else {"int8": rule}
+    rules = rule if isinstance(rule, dict) else {"int8": rule}
+    if attrs is None:
+        return rules
+    return {n: r for n, r in rules.items() if getattr(r, "applies", lambda a: True)(attrs)}
 
 
 def composite_calls(mod: tvm.IRModule):
@@ -189,7 +193,7 @@ class _CompositeLowerer(PyExprMutator):
         if composite not in LOWERINGS:
             raise LoweringError(f"node {node!r}: no integer kernel for {composite}")
         scalars = json.loads(str(attrs["tvmq.attrs"]))
-        rules = alternatives(composite)
+        rules = alternatives(composite, scalars)
         name = self.plan.get(node, next(iter(rules)))
         if name not in rules:
             raise LoweringError(f"node {node!r}: {composite} has no lowering {name!r};"

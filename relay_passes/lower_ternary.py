@@ -11,9 +11,13 @@ of the chosen kernel.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
+from tvm import relax
 
 from relay_passes.lower_composites import LOWERINGS, _constant, int8_conv
+from topi_ops import bitserial
 from topi_ops import conv2d as conv_ops
 
 
@@ -36,4 +40,23 @@ def _lower_int8_fold(bb, args, attrs, target, node):
                      _constant(shift, "the shifts", node), params, target)
 
 
-LOWERINGS["tvmq.ternary_conv2d"] = {"int8-fold": _lower_int8_fold}
+def _lower_bitserial(bb, args, attrs, target, node):
+    stride, padding, dilation, groups, lo, hi, in_bits = attrs
+    x, terms, term_shift, bias, shift = args
+    terms = _constant(terms, "the terms", node)
+    params = bitserial.BitserialParams(tuple(stride), tuple(padding), tuple(dilation), groups,
+                                       in_bits, lo, hi)
+    packed = bitserial.pack_ternary(terms, _constant(term_shift, "the term shifts", node),
+                                    _constant(bias, "the bias", node),
+                                    _constant(shift, "the shifts", node), params, target)
+    kernel = partial(bitserial.qconv2d_bitserial, weight_shape=terms.shape[1:], params=params,
+                     target=target)
+    return bb.call_te(kernel, x, *[relax.const(p) for p in packed],
+                      primfunc_name_hint="tvmq_bitserial_conv2d")
+
+
+# bit planes only pay for inputs known to be unsigned with few bits (in_bits, last attribute)
+_lower_bitserial.applies = lambda attrs: 1 <= attrs[-1] <= 7
+
+LOWERINGS["tvmq.ternary_conv2d"] = {"int8-fold": _lower_int8_fold,
+                                    "bitserial": _lower_bitserial}

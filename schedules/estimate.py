@@ -275,7 +275,7 @@ def int8_conv_module(channels: int, hw: int, target) -> tvm.IRModule:
     wp, bp = pack_conv2d(w, np.zeros(channels, np.int32), params, target)
     data = te.placeholder((1, channels, hw, hw), "int8", "data")
     wt, bt = te.placeholder(wp.shape, str(wp.dtype), "w"), te.placeholder(bp.shape, "int32", "b")
-    out = qconv2d(data, wt, bt, w.shape, params, target)
+    out = qconv2d(data, wt, bt, weight_shape=w.shape, params=params, target=target)
     sch = s_tir.Schedule(te.create_prim_func([data, wt, bt, out]))
     schedule_conv_pairs(sch, sch.get_sblock("tvmq_conv_acc"), target)
     return tvm.IRModule({"main": sch.mod["main"].with_attr(SCHEDULED, True)})
@@ -337,7 +337,8 @@ def pack_stage_cycles(channels: int, hw: int, target, kind: str) -> float:
         w = np.zeros((channels, channels, 3, 3), np.int8)
         wp, bp = pack_conv2d(w, np.zeros(channels, np.int32), params, target)
         out = qconv2d(data, te.placeholder(wp.shape, str(wp.dtype)),
-                      te.placeholder(bp.shape, "int32"), w.shape, params, target)
+                      te.placeholder(bp.shape, "int32"), weight_shape=w.shape, params=params,
+                      target=target)
         return stage_cycles(out, "tvmq_conv_data_pack", target)["cycles"]
     _, packed = bitserial_conv_module(channels, hw, 1, target)
     out = qconv2d_bitserial(data, *[te.placeholder(a.shape, str(a.dtype)) for a in packed],

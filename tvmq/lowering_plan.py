@@ -50,8 +50,33 @@ def _one_op_module(mod: tvm.IRModule, call: relax.Call) -> tvm.IRModule:
     return bb.get()
 
 
+KERNELS = ("tvmq_qconv2d", "tvmq_qdense", "tvmq_bitserial")
+
+
+def _signature(func, target) -> tuple[str, int] | None:
+    """(instruction, how many times the kernel runs it) of the hot loop, for the NEON
+    kernels whose step instruction is known; None: count from the TIR loops."""
+    from topi_ops.conv2d import PAIRS, conv_layout
+
+    buffers = [p.ty for p in func.params if hasattr(p.ty, "shape")]
+    out = buffers[-1]
+    if len(out.shape) != 4:
+        return None
+    n, o, oh, ow = (int(d) for d in out.shape)
+    masks = [b for b in buffers if len(b.shape) == 7]
+    if masks:  # the bit-serial kernel: one uadalp per output x term x tap x word
+        _o, kh, kw, words, k, _two, _lanes = (int(d) for d in masks[0].shape)
+        return ("uadalp|uaddlp", n * o * oh * ow * k * kh * kw * words) \
+            if str(masks[0].dtype) == "uint8" else None
+    weights = [b for b in buffers if len(b.shape) == 6]
+    if weights and conv_layout(target) == PAIRS:  # int16 pairs: smlal + smlal2 per 8 x 2
+        ob, kh, kw, cg, _block, _group = (int(d) for d in weights[0].shape)
+        return r"smlal2?|smull2?", n * ob * oh * ow * kh * kw * cg * 4
+    return None
+
+
 def _cost(one: tvm.IRModule, node: str, lowering: str, target) -> tuple[float, str]:
-    from tvmq.compile import compile_relax
+    from tvmq.compile import ApplyDefaultSchedules, compile_relax, lower_graph
 
     if is_host(target):
         ex = compile_relax(one, target, plan={node: lowering})
@@ -59,10 +84,19 @@ def _cost(one: tvm.IRModule, node: str, lowering: str, target) -> tuple[float, s
         shape = [int(d) for d in one["main"].params[0].ty.shape]
         x = tvm.runtime.tensor(np.zeros(shape, dtype=str(one["main"].params[0].ty.dtype)))
         t = vm.time_evaluator("main", tvm.cpu(), **TIMING)(x)
-        return t.median * 1e3, "ms measured"
-    from schedules.estimate import estimate_module
+        return t.median * 1e3, "ms measured on this host"
+    from schedules.estimate import EstimateError, estimate_cycles
 
-    return estimate_module(one, node, lowering, target), "cycles estimated (llvm-mca)"
+    with target:
+        mod = ApplyDefaultSchedules(target)(lower_graph(one, target, {node: lowering}))
+    func = next(f for gv, f in mod.functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(KERNELS))
+    func = func.with_attr("global_symbol", "main")  # a kernel of a Relax module is private
+    try:
+        cycles = estimate_cycles(func, target, _signature(func, target))["cycles"]
+    except EstimateError:  # not the step the signature counts (a generic path): TIR loops
+        cycles = estimate_cycles(func, target, None)["cycles"]
+    return cycles, f"cycles on a {target.attrs.get('mcpu')}, llvm-mca estimate of the conv loop nest"
 
 
 def plan(mod: tvm.IRModule, target, cache: Path | None = None, prefer: dict | None = None,
@@ -73,12 +107,13 @@ def plan(mod: tvm.IRModule, target, cache: Path | None = None, prefer: dict | No
     result = {}
     for node, composite, call, scalars in composite_calls(mod):
         module = str((mod[call.op].attrs or {}).get("tvmq.module", ""))
-        rules = alternatives(composite)
+        rules = alternatives(composite, scalars)
         forced = prefer.get(node) or prefer.get(module)
         if forced or len(rules) == 1:
             name = forced or next(iter(rules))
             result[node] = {"lowering": name, "module": module, "op": composite,
-                            "reason": "chosen by the user" if forced else "the only lowering"}
+                            "reason": "chosen by the user" if forced else
+                            "the only lowering that applies"}
             continue
         key = _workload(composite, call, scalars, target)
         path = cache / f"{key}.json" if cache else None
