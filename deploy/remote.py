@@ -224,8 +224,15 @@ def set_threads(board: Board, threads: int) -> int | None:
         count = board.session.get_function("runtime.NumThreads")
     except Exception:  # noqa: BLE001  a runtime built without them
         return None
-    # mode -3 = kSpecifyThreadShareAllCore: ``threads`` workers, none pinned to one core
-    config(-3, int(threads), [str(i) for i in range(int(threads))])
+    n = int(threads)
+    try:
+        # the CPU list (its length sets the pool's size) cannot cross RPC as a Python list:
+        # build the ffi.Array on the board. Mode -3 = kSpecifyThreadShareAllCore: n workers,
+        # none pinned to one core.
+        cpus = board.session.get_function("ffi.Array")(*[str(i) for i in range(n)])
+        config(-3, n, cpus)
+    except Exception:  # noqa: BLE001  no ffi.Array on the board: can only lower the count
+        config(1, n)
     return int(count())
 
 
