@@ -194,10 +194,11 @@ def _configure_threads(n: int, session=None) -> int:
 
 
 @contextlib.contextmanager
-def quiet_tvm_log(drop=("Scope Loaded",)):
+def quiet_tvm_log(drop=("Scope Loaded:", "Scope Saving:")):
     """Drop TVM runtime log lines containing ``drop`` (written to fd 2 by C++, so Python's
-    logging cannot filter them): loading a Relax executable logs one warning per constant
-    ("Scope Loaded:"). Every other line is passed through."""
+    logging cannot filter them): saving or loading a Relax executable logs one warning per
+    constant ("Scope Saving:", "Scope Loaded:", src/runtime/vm/executable.cc). Every other
+    line is passed through."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -416,7 +417,8 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        export_library(ex, tgt, str(tmp / LIBRARY))
+        with quiet_tvm_log():
+            export_library(ex, tgt, str(tmp / LIBRARY))
         np.savez(tmp / PARITY, inputs=np.stack([x.numpy() for x in xs]),
                  outputs=np.stack(refs))
         weights = sum(v.numel() for k, v in ep.state_dict.items() if "weight" in k)
