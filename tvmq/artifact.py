@@ -275,11 +275,6 @@ class Artifact:
 
         ``threads``: TVM worker threads; default ``TVM_NUM_THREADS`` if set, else the target's
         core count. ``self.threads`` says how many ran."""
-        want = threads or default_threads(self.manifest)
-        if self._runner is None or self._runner.requested != want:
-            if self._runner is not None:
-                self._runner.close()
-            self._runner = _Runner(want)
         if self._vm is None:
             if not self.manifest["target"]["host"]:
                 raise ArtifactError(
@@ -289,6 +284,13 @@ class Artifact:
             with quiet_tvm_log():
                 lib = tvm.runtime.load_module(str(self.library))
             self._vm = relax.VirtualMachine(lib, tvm.cpu())
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads={threads}: must be at least 1")
+        want = threads or default_threads(self.manifest)
+        if self._runner is None or self._runner.requested != want:
+            if self._runner is not None:
+                self._runner.close()
+            self._runner = _Runner(want)
         return self._runner.call(_run_vm, self._vm, x)
 
 
