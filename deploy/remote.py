@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+from contextlib import suppress as _suppress_ctx
 import socket
 import statistics
 import struct
@@ -102,6 +103,20 @@ def _describe(name: str, session: rpc.RPCSession) -> Board:
         return Board(name, session, "unknown", "TVM RPC server")
 
 
+def is_tracker(host: str, port: int) -> bool:
+    """Whether a TVM RPC tracker answers at host:port (its handshake: it echoes the tracker
+    magic number; a server closes the connection)."""
+    from tvm.rpc.base import RPC_TRACKER_MAGIC
+
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT) as sock:
+            sock.sendall(struct.pack("<i", RPC_TRACKER_MAGIC))
+            answer = sock.recv(4)
+        return len(answer) == 4 and struct.unpack("<i", answer)[0] == RPC_TRACKER_MAGIC
+    except OSError:
+        return False
+
+
 def connect(address: str, session_timeout: float = 600) -> Board:
     """A session with the server at ``HOST:PORT``."""
     host, port = parse_address(address, "RPC server")
@@ -112,6 +127,10 @@ def connect(address: str, session_timeout: float = 600) -> Board:
     except BoardError:
         raise
     except Exception as err:  # noqa: BLE001  TVM reports handshake failures as TVMError
+        if is_tracker(host, port):
+            raise BoardError(f"{address} is a TVM RPC tracker, not a server: that address is a"
+                             " tracker; use --tracker HOST:PORT --key K (Python:"
+                             " tracker=..., key=...)") from None
         raise BoardError(f"{address} did not accept an RPC session: {_last_line(err)}") from None
     return _describe(address, session)
 
@@ -160,6 +179,10 @@ def request(tracker: str, key: str, count: int = 1, session_timeout: float = 600
     return boards
 
 
+def _suppress():
+    return _suppress_ctx(Exception)
+
+
 def _last_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(err).__name__
@@ -167,10 +190,12 @@ def _last_line(err: BaseException) -> str:
 
 @dataclass
 class RemoteRun:
-    """Outputs of each input, and the latency samples (ms, one per repeat)."""
+    """Outputs of each input, the latency samples (ms, one per repeat), and the TVM worker
+    threads the board ran with (None: the board could not say)."""
 
     outputs: list[np.ndarray]
     times_ms: list[float] = field(default_factory=list)
+    threads: int | None = None
 
     @property
     def median_ms(self) -> float:
@@ -190,12 +215,40 @@ def check_features(board: Board, needed: list[str], built_for: str) -> None:
             " target (a Raspberry Pi 4 is --target arm)")
 
 
-def run(board: Board, library: str | Path, inputs: list[np.ndarray], *, repeat: int = 10,
-        number: int = 0, min_repeat_ms: float = 200, warmup: int = 3) -> RemoteRun:
-    """Upload and load ``library`` (a Relax VM executable), run it on each input, then time
-    ``repeat`` batches of ``number`` runs (``number=0``: as many as fill ``min_repeat_ms``)."""
-    stage = "upload"
+def set_threads(board: Board, threads: int) -> int | None:
+    """Size the board's TVM thread pool to ``threads`` workers (before its first run: TVM's
+    pool cannot grow once it exists) through the session's ``runtime.config_threadpool``;
+    returns the board's ``runtime.NumThreads`` (None if the board has neither function)."""
     try:
+        config = board.session.get_function("runtime.config_threadpool")
+        count = board.session.get_function("runtime.NumThreads")
+    except Exception:  # noqa: BLE001  a runtime built without them
+        return None
+    n = int(threads)
+    try:
+        # the CPU list (its length sets the pool's size) cannot cross RPC as a Python list:
+        # build the ffi.Array on the board. Mode -3 = kSpecifyThreadShareAllCore: n workers,
+        # none pinned to one core.
+        cpus = board.session.get_function("ffi.Array")(*[str(i) for i in range(n)])
+        config(-3, n, cpus)
+    except Exception:  # noqa: BLE001  no ffi.Array on the board: can only lower the count
+        config(1, n)
+    return int(count())
+
+
+def run(board: Board, library: str | Path, inputs: list[np.ndarray], *, repeat: int = 10,
+        number: int = 0, min_repeat_ms: float = 200, warmup: int = 3,
+        threads: int | None = None) -> RemoteRun:
+    """Upload and load ``library`` (a Relax VM executable), run it on each input, then time
+    ``repeat`` batches of ``number`` runs (``number=0``: as many as fill ``min_repeat_ms``).
+    ``threads``: the board's TVM worker threads (None: the board runtime's default)."""
+    stage = "upload"
+    used = None
+    try:
+        if threads:
+            stage = "thread setup"
+            used = set_threads(board, threads)
+            stage = "upload"
         board.session.upload(str(library))
         stage = "load"
         try:
@@ -215,10 +268,15 @@ def run(board: Board, library: str | Path, inputs: list[np.ndarray], *, repeat: 
         stage = "timing"
         for _ in range(warmup):
             vm.invoke_stateful("main")
-        timer = vm.time_evaluator("invoke_stateful", dev, number=max(number, 1), repeat=repeat,
-                                  min_repeat_ms=0 if number else min_repeat_ms)
+        # TVM's time_evaluator takes integers only (a float is "Expected int but got float")
+        timer = vm.time_evaluator("invoke_stateful", dev, number=max(int(number), 1),
+                                  repeat=int(repeat),
+                                  min_repeat_ms=0 if number else int(round(min_repeat_ms)))
         times = [t * 1e3 for t in timer("main").results]
-        return RemoteRun(outputs, times)
+        if used is None:
+            with _suppress():
+                used = int(board.session.get_function("runtime.NumThreads")())
+        return RemoteRun(outputs, times, used)
     except BoardError:
         raise
     except Exception as err:  # noqa: BLE001  a dead board surfaces as a socket/TVM error

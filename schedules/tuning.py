@@ -91,10 +91,26 @@ def target_record(target: tvm.target.Target) -> dict:
     return {k: t.get(k) for k in ("kind", "mtriple", "mcpu", "mattr")}
 
 
+def check_database_dir(db_dir: str | Path) -> None:
+    """``db_dir`` can hold a tuning database: it is one (has ``tvmq.json``), or is new, or an
+    empty directory. A file, or a directory of other things, is refused (never adopted)."""
+    db_dir = Path(db_dir)
+    if db_dir.exists() and not db_dir.is_dir():
+        raise TuningDatabaseError(f"{db_dir} is a file, not a tuning database directory:"
+                                  " name a new or empty directory (or an existing database)")
+    if db_dir.is_dir() and not (db_dir / DB_META).exists() and any(db_dir.iterdir()):
+        names = sorted(p.name for p in db_dir.iterdir())
+        raise TuningDatabaseError(
+            f"{db_dir} is not a tvmq tuning database ({DB_META} is missing) and is not empty"
+            f" (it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): name a new"
+            " or empty directory")
+
+
 def open_database(db_dir: str | Path, target: tvm.target.Target, create: bool = False):
     """The JSON database in ``db_dir``, checked: present and parseable, tuned for ``target``."""
     db_dir = Path(db_dir)
     meta_path = db_dir / DB_META
+    check_database_dir(db_dir)
     if create and not meta_path.exists():
         db_dir.mkdir(parents=True, exist_ok=True)
         meta = {"target": target_record(target), "tvm_version": tvm.__version__}

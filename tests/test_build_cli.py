@@ -158,10 +158,12 @@ def test_build_replaces_old_artifact_atomically(tmp_path):
     tvmq.calibrate(qat, [torch.randn(2, 3, 8, 8)])
     deploy = tvmq.convert(qat)
     out = tmp_path / "art"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    out.mkdir()  # an empty directory is taken; a previous artifact is replaced whole
+    tvmq.build(deploy, torch.randn(1, 3, 8, 8), target="x86", out=out, parity=4)
+    (out / "deploy.json").write_text("{}")  # stale: from the previous artifact
     art = tvmq.build(deploy, torch.randn(1, 3, 8, 8), target="x86", out=out, parity=8)
-    assert not (out / "stale.txt").exists() and (out / "manifest.json").exists()
+    assert not (out / "deploy.json").exists() and (out / "manifest.json").exists()
+    assert art.manifest["parity"]["inputs"] == 8
     x = torch.randn(1, 3, 8, 8)
     assert torch.equal(art.run(x), deploy(x))
     assert [p.name for p in tmp_path.iterdir()] == ["art"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import types
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -17,9 +18,9 @@ from rich.table import Table
 
 from schedules.targets import TARGETS
 from tvmq import data, zoo
-from tvmq.artifact import Artifact, build
+from tvmq.artifact import Artifact, build, check_out
 from tvmq.errors import USER_ERRORS, ModelFileError
-from tvmq.schemes import SCHEMES
+from tvmq.schemes import SCHEMES, get_recipe
 
 console = Console(stderr=True)
 
@@ -65,7 +66,7 @@ def load_model(model: str | None, scheme: str, quiet: bool, data_dir: str | None
         with console.status(f"{model}: calibrating random weights on {source}"):
             program = zoo_program(model, scheme, images)
         return program, {"weights": f"random, calibrated on {source}"}, None, images
-    if model.endswith(".pt2") or "/" in model:
+    if model.endswith(".pt2") or "/" in model or Path(model).exists():
         from tvmq.artifact import load_program
 
         return load_program(model), {}, None, None
@@ -134,6 +135,28 @@ def report(art: Artifact) -> Table:
     return table
 
 
+def validate_args(args) -> None:
+    """Refuse bad arguments before any work: target, scheme, MODEL, --out, --data."""
+    from schedules.targets import resolve
+
+    if args.target not in TARGETS:
+        resolve(args.target)  # raises the clear error
+    get_recipe(args.scheme)  # UnknownSchemeError naming the registered ones
+    if args.model not in (None, "digits") and args.model not in zoo.ZOO:
+        path = Path(args.model)
+        if path.is_dir():
+            from tvmq.artifact import load_program
+
+            load_program(path)  # "is a directory" (and what it is)
+    if args.data is not None and not Path(args.data).exists():
+        raise data.DatasetError(f"--data {args.data!r}: no such file or directory")
+    name = "digits" if args.model is None else args.model if args.model in zoo.ZOO else None
+    if args.out is not None:
+        check_out(Path(args.out))
+    elif name is not None:
+        check_out(Path(f"build/{name}-{args.target}"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tvmq.build", description=__doc__.split("\n\n")[1])
     ap.add_argument("model", nargs="?", help="zoo name, .pt2 file, or nothing for the default")
@@ -153,10 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-db", action="store_true", help="default schedules only")
     args = ap.parse_args(argv)
     try:
-        if args.target not in TARGETS:
-            from schedules.targets import resolve
-
-            resolve(args.target)  # raises the clear error
+        validate_args(args)  # every argument checked before minutes of training
         ep, extra, accuracy_data, parity_data = load_model(args.model, args.scheme, args.quiet,
                                                            args.data)
         name = ep.tvmq_info.get("model", "model") if hasattr(ep, "tvmq_info") else "model"

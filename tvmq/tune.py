@@ -20,6 +20,7 @@ from schedules.targets import TARGETS, resolve
 from tvmq.compile import lower_graph
 from tvmq.errors import USER_ERRORS
 from tvmq.frontend import import_exported_program
+from tvmq.schemes import get_recipe
 
 console = Console(stderr=True)
 
@@ -69,11 +70,17 @@ def main(argv=None) -> int:
     ap.add_argument("--key", default="rpi4", help="tracker key of the boards (default rpi4)")
     ap.add_argument("--timeout", type=float, default=120, help="per build / run, seconds")
     args = ap.parse_args(argv)
+    if args.trials < 1:
+        ap.error(f"--trials {args.trials}: must be at least 1")
     try:
-        resolve(args.target)
+        resolve(args.target)  # every argument checked before minutes of training
+        get_recipe(args.scheme)
+        if args.db:
+            tuning.check_database_dir(args.db)
         ep = load_model(args.model, args.scheme, True)[0]
         name = getattr(ep, "tvmq_info", {}).get("model", "model")
         db = Path(args.db or f"tuning/{name}-{args.target}")
+        tuning.check_database_dir(db)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as bar:
             job = bar.add_task(f"tuning {name} for {args.target}", total=args.trials)

@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-repeat-ms", type=float, default=200)
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
     ap.add_argument("--inputs", type=int, help="check only the first N parity inputs")
+    ap.add_argument("--threads", type=int, help="TVM worker threads on the board (default:"
+                    " TVM_NUM_THREADS if set, else the target's core count: 4 on a Pi)")
     args = ap.parse_args(argv)
     out, err = Console(), Console(stderr=True)
     board = None
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
             report = run(args.artifact, rpc=rpc, tracker=args.tracker, key=args.key,
                          boards=args.boards, repeat=args.repeat, number=args.number,
                          min_repeat_ms=args.min_repeat_ms, warmup=args.warmup,
-                         inputs=args.inputs, progress=status.update)
+                         inputs=args.inputs, progress=status.update, threads=args.threads)
     except USER_ERRORS as e:
         err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
@@ -54,6 +56,9 @@ def main(argv=None) -> int:
         if board is not None:
             board.stop()
     out.print(table(report))
+    ran = ", ".join(f"{b['board']}: {b['threads'] if b['threads'] is not None else 'unknown'}"
+                    for b in report["boards"])
+    out.print(f"TVM threads (asked {report['threads']}): {ran}")
     out.print(f"report: {args.artifact}/deploy.json, {args.artifact}/deploy.png")
     return 0 if all(b["parity"]["mismatches"] == 0 for b in report["boards"]) else 1
 
