@@ -381,6 +381,12 @@ def main(argv=None) -> int:
                     help="also the ten slowest convolutions: tvmq vs PyTorch int8 per layer,"
                          " and each one's share of this CPU's measured int8 MAC peak")
     ap.add_argument("--layers-only", action="store_true", help="only the per-layer table")
+    ap.add_argument("--kernels", action="store_true",
+                    help="only the low-bit kernel table: ResNet-18's 3x3 layers, tvmq's int8"
+                    " kernel beside the bit-serial ternary one (K = 1, 2; 2-bit activations)")
+    ap.add_argument("--target", default="x86", choices=["x86", "arm"],
+                    help="--kernels: x86 = timed on this host; arm = Cortex-A72 cycles"
+                    " estimated by llvm-mca (no Pi needed; labelled as an estimate)")
     ap.add_argument("--peer", choices=list(PEERS), help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
     if args.peer:
@@ -397,6 +403,8 @@ def main(argv=None) -> int:
 
     from tvmq.training import progress
 
+    if args.kernels:
+        return _kernels(args)
     peers = [p for p in PEERS if p not in args.skip and not args.layers_only]
     results = {}
     with progress() as bar:
@@ -444,6 +452,46 @@ def main(argv=None) -> int:
     if results:
         _plot(results, title, out / "bench.png")
     console.print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if results else ""))
+    return 0
+
+
+def _kernels(args) -> int:
+    """int8 vs bit-serial per layer: estimated A72 cycles (arm) or host milliseconds (x86)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from schedules import estimate
+
+    console = Console()
+    arm = args.target == "arm"
+    with console.status("estimating with llvm-mca" if arm else "timing on this host"):
+        if arm:
+            rows = estimate.resnet18_estimates()
+        else:
+            os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+            rows = estimate.time_host()
+    machine = _machine(args.threads)
+    title = ("ResNet-18 3x3 layers: Cortex-A72 cycles, ESTIMATE (llvm-mca -mcpu=cortex-a72,"
+             " one core, data in L1; conv loop nest + data packing)" if arm else
+             f"ResNet-18 3x3 layers: median ms on this host, {machine['cpu']}"
+             f" ({machine['llvm_mcpu']}), {os.environ.get('TVM_NUM_THREADS')} threads")
+    table = Table(title=title)
+    unit, scale, key = ("M cycles", 1e-6, "") if arm else ("ms", 1.0, "_ms")
+    for col in ("layer", f"int8 {unit}", f"ternary K=1 x 2-bit {unit}", "÷ int8",
+                f"K=2 x 2-bit {unit}", "÷ int8"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        i8, k1, k2 = r["int8" + key], r["bitserial_k1" + key], r["bitserial_k2" + key]
+        table.add_row(r["layer"], f"{i8 * scale:.3g}", f"{k1 * scale:.3g}", f"{k1 / i8:.2f}",
+                      f"{k2 * scale:.3g}", f"{k2 / i8:.2f}")
+    console.print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"kernels-{args.target}.json"
+    report = {"what": title, "machine": machine, "rows": rows,
+              "method": estimate.METHOD if arm else "TVM time_evaluator, median"}
+    write_atomic(path, lambda p: p.write_text(json.dumps(report, indent=2, default=str)))
+    console.print(f"wrote {path}")
     return 0
 
 
