@@ -136,7 +136,8 @@ class IntSEQuantizer(nn.Module):
         if torch.isnan(self.running_exponent):
             self.running_exponent.fill_(s)
         else:
-            self.running_exponent.lerp_(torch.tensor(float(s)), self.momentum)
+            self.running_exponent.lerp_(torch.tensor(float(s), dtype=self.running_exponent.dtype),
+                                        self.momentum)
         return s
 
     def step(self, x: torch.Tensor) -> int:

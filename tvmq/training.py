@@ -51,6 +51,14 @@ def _set_stages(staged: list[nn.Module], epoch: int, epochs: int) -> str:
     return f"stage {i + 1}/{len(first.stages)} ({100 * first.stages[i]:g}% quantized) "
 
 
+def finish_observers(model: nn.Module) -> None:
+    """Let every quantizer that decides once the data is seen (``finish_calibration(model)``,
+    e.g. MXQN's fixed-or-log choice) decide; :func:`calibrate` and :func:`train` end here."""
+    for m in list(model.modules()):
+        if hasattr(m, "finish_calibration"):
+            m.finish_calibration(model)
+
+
 def train(qat: nn.Module, loader: Iterable, epochs: int = 12, lr: float = 2e-3,
           lock_at: float = 0.5, seed: int = 0, quiet: bool = False,
           description: str = "QAT training") -> nn.Module:
@@ -80,6 +88,7 @@ def train(qat: nn.Module, loader: Iterable, epochs: int = 12, lr: float = 2e-3,
             sched.step()
             bar.update(task, advance=1, info=f"{stage}loss {total / count:.3f}")
     lock_batchnorm(qat)
+    finish_observers(qat)
     return qat.eval()
 
 
@@ -103,4 +112,5 @@ def calibrate(qat: nn.Module, batches: Iterable) -> nn.Module:
     if not seen:
         raise CalibrationError("tvmq.calibrate: the calibration set was empty: pass at least"
                                " one batch of inputs")
+    finish_observers(qat)
     return qat.eval()
