@@ -28,7 +28,7 @@ def _decode(bb, x, table):
     levels = int(table.ty.shape[0]) - 1
     xi = bb.emit(R.astype(x, "int32"))
     mag = bb.emit(R.clip(R.abs(xi), 0, levels))
-    v = bb.emit(R.take(table, mag, axis=0))
+    v = bb.emit(R.take(table, mag, axis=0, mode="clip"))  # in bounds: |c| clipped to L
     return bb.emit(R.where(R.less(xi, _i32(0)), R.negative(v), v))
 
 
