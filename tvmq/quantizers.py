@@ -110,10 +110,11 @@ class IntSEQuantizer(nn.Module):
     deploy graph uses a fixed exponent, so the model is evaluated with it too.
     """
 
-    def __init__(self, bits: int = 8, momentum: float = 0.1):
+    def __init__(self, bits: int = 8, momentum: float = 0.1, candidates: int = CANDIDATES):
         super().__init__()
         self.bits = bits
         self.momentum = momentum
+        self.candidates = candidates  # exponent candidates s0 .. s0-(candidates-1) (MSE)
         self.nonneg = False  # set by prepare when the value follows a ReLU
         self.register_buffer("running_exponent", torch.tensor(float("nan")))
         self.last_exponent: int | None = None  # the exponent the latest forward used
@@ -131,11 +132,12 @@ class IntSEQuantizer(nn.Module):
 
     def observe(self, x: torch.Tensor) -> int:
         check_finite(x, f"layer {getattr(self, 'layer', '?')!r} activations")
-        s = choose_exponent(x, self.bits)
+        s = choose_exponent(x, self.bits, self.candidates)
         if torch.isnan(self.running_exponent):
             self.running_exponent.fill_(s)
         else:
-            self.running_exponent.lerp_(torch.tensor(float(s)), self.momentum)
+            self.running_exponent.lerp_(torch.tensor(float(s), dtype=self.running_exponent.dtype),
+                                        self.momentum)
         return s
 
     def step(self, x: torch.Tensor) -> int:
@@ -154,12 +156,13 @@ class IntSEQuantizer(nn.Module):
 class IntSEWeightQuantizer(nn.Module):
     """Weight quantizer: INT-SE, exponent chosen by MSE from the current weights every call."""
 
-    def __init__(self, bits: int = 8):
+    def __init__(self, bits: int = 8, candidates: int = CANDIDATES):
         super().__init__()
         self.bits = bits
+        self.candidates = candidates
 
     def exponent(self, w: torch.Tensor) -> int:
-        return choose_exponent(w, self.bits)
+        return choose_exponent(w, self.bits, self.candidates)
 
     def integer(self, w: torch.Tensor, where: str):
         """Integer form for conversion: the mantissas and one exponent for every channel."""

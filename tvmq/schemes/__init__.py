@@ -288,3 +288,4 @@ def get_recipe(recipe: "str | Path | dict | Recipe") -> Recipe:
 
 # the registered schemes (imported for their registration)
 from tvmq.schemes import int_se, ternary  # noqa: E402,F401
+from tvmq.schemes import ioiq, mxqn  # noqa: E402,F401
