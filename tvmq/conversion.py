@@ -118,7 +118,9 @@ def layer_table(qat: fx.GraphModule) -> list[dict]:
         if isinstance(m, _QWeighted):
             rows.append({"layer": m.layer_name, "module": module,
                          "weights": m.scheme.weight.spec, "output": _describe_act(m.out_quant),
-                         "scheme": m.scheme.act.spec})
+                         "scheme": m.scheme.act.spec,
+                         # a quantizer may add what it chose (MXQN: fixed or log, SQNRs)
+                         **getattr(m.out_quant, "report", lambda: {})()})
     return rows
 
 

@@ -181,6 +181,12 @@ class MXQNQuantizer(IntSEQuantizer):
         self._samples: list[torch.Tensor] = []
 
     # --- calibration
+
+    def report(self) -> dict:
+        """This layer's choice for the manifest (``conversion.layer_table``)."""
+        return {"activation": "log" if self.is_log else "fixed",
+                "sqnr_fixed_db": round(self.sqnr_fixed, 2),
+                "sqnr_log_db": round(self.sqnr_log, 2), "activation_choice": self.reason}
     def observe(self, x: torch.Tensor) -> int:
         s = super().observe(x)
         flat = x.detach().flatten()
