@@ -282,4 +282,4 @@ def get_recipe(recipe: "str | Path | dict | Recipe") -> Recipe:
 
 
 # the registered schemes (imported for their registration)
-from tvmq.schemes import int_se, ternary  # noqa: E402,F401
+from tvmq.schemes import int_se, ternary, pot  # noqa: E402,F401
