@@ -13,10 +13,16 @@ padding, dilation, groups, lo, hi``). Result out: ``call_tir`` of the chosen ker
 """
 from __future__ import annotations
 
-import numpy as np
+from functools import partial
 
-from relay_passes.lower_composites import LOWERINGS, LoweringError, _constant, int8_conv
+import numpy as np
+from tvm import relax
+
+import schedules.shiftadd  # noqa: F401  registers the shift-add schedule rules
+from relay_passes.lower_composites import (LOWERINGS, OP_PATTERN_OPAQUE, LoweringError,
+                                           _constant, int8_conv)
 from topi_ops import conv2d as conv_ops
+from topi_ops import shiftadd
 
 POWERS = 7  # codes in [-7, 7]: 0 = zero weight, ±(k + 1) = ±2^k
 
@@ -45,3 +51,28 @@ def _lower_int8_fold(bb, args, attrs, target, node):
 
 
 LOWERINGS["tvmq.pot_conv2d"] = {"int8-fold": _lower_int8_fold}
+
+
+def _lower_shift_add(bb, args, attrs, target, node):
+    x, codes, bias, shift = args
+    codes_np = _constant(codes, "the power-of-two codes", node)
+    decode_codes(codes_np, node)  # range check, named
+    stride, padding, dilation, groups, lo, hi = attrs
+    block, wide = shiftadd.shiftadd_layout(target)
+    params = shiftadd.ShiftAddParams(tuple(stride), tuple(padding), tuple(dilation), groups,
+                                     lo, hi, block, wide)
+    try:
+        packed = shiftadd.pack_shiftadd(codes_np, _constant(bias, "the bias", node), params)
+    except ValueError as err:
+        raise LoweringError(f"node {node!r}: {err}") from None
+    consts = [relax.const(p) for p in packed]
+    consts.append(relax.const(_constant(shift, "the shifts", node).astype(np.int32)))
+    kernel = partial(shiftadd.shiftadd_conv2d, weight_shape=codes_np.shape, params=params)
+    call = bb.call_te(kernel, x, *consts, primfunc_name_hint="tvmq_shiftadd")
+    # keep the kernel whole through FuseOps: its schedule sees exactly its own blocks
+    gv = call.args[0]
+    bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", OP_PATTERN_OPAQUE))
+    return call
+
+
+LOWERINGS["tvmq.pot_conv2d"]["shift-add"] = _lower_shift_add
