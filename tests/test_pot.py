@@ -209,7 +209,7 @@ def test_window_clipping_warns_naming_the_layer():
         model[0].weight[1:] *= 1e-4  # 7 of 8 filters far below the first: outside the window
     qat = tvmq.prepare(model, schemes.Recipe("aptq", keep_8bit=()))
     tvmq.calibrate(qat, [torch.randn(2, 3, 8, 8)])
-    with pytest.warns(PotWindowWarning, match=r"layer '0'.*window"):
+    with pytest.warns(PotWindowWarning, match=r"layer '[^']+': its exponent window .* changes"):
         tvmq.convert(qat)
     quiet = tvmq.prepare(model, schemes.Recipe("aptq:max_clip=1", keep_8bit=()))
     tvmq.calibrate(quiet, [torch.randn(2, 3, 8, 8)])
@@ -307,7 +307,8 @@ def test_resnet20_builds_bit_exact_x86(spec, tmp_path, monkeypatch):
     assert art.manifest["parity"]["mismatches"] == 0
     assert art.manifest["recipe"]["spec"] == spec
     pot_layers = [r for r in art.manifest["layers"] if r.get("op") == "tvmq.pot_conv2d"]
-    assert len(pot_layers) == 18  # every 3x3 conv but the stem
+    pot_modules = [m for m in deploy.modules() if type(m).__name__ == "IntPotConv2d"]
+    assert len(pot_layers) == len(pot_modules) >= 18  # every conv but the stem
     for row in pot_layers:  # measured, both kernels, the faster one chosen
         assert row["lowering"] in LOWERINGS and "ms measured" in row["reason"]
         assert "int8-fold" in row["reason"] and "shift-add" in row["reason"]
@@ -329,7 +330,8 @@ def test_resnet20_shift_add_everywhere_bit_exact(tmp_path, monkeypatch):
     assert rows and all(r["lowering"] == "shift-add" for r in rows)
 
 
-ESTIMATOR = importlib.util.find_spec("schedules.estimate") is not None
+ESTIMATOR = (importlib.util.find_spec("schedules.estimate") is not None and hasattr(
+    importlib.import_module("schedules.estimate"), "estimate_module"))
 
 
 @pytest.mark.parametrize("lowering", LOWERINGS)
@@ -349,9 +351,10 @@ def test_resnet20_builds_for_arm_each_lowering(lowering, tmp_path, monkeypatch):
 
 
 @pytest.mark.xfail(not ESTIMATOR, raises=AssertionError, strict=True,
-                   reason="the lowering plan estimates ARM kernels with"
-                          " schedules.estimate.estimate_module (branch bitserial, not merged"
-                          " here): without it an arm build of a two-lowering scheme fails")
+                   reason="tvmq.lowering_plan estimates ARM kernels with"
+                          " schedules.estimate.estimate_module, which does not exist yet (main"
+                          " has estimate_cycles only): an arm build of a two-lowering scheme"
+                          " fails until it does")
 @pytest.mark.timeout(1800)
 def test_resnet20_cli_builds_for_arm(tmp_path):
     out = tmp_path / "r20-arm"

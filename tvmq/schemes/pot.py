@@ -384,6 +384,15 @@ class Pot(Scheme):
             q = HalfUpIntSEQuantizer(q.bits, q.momentum)
         return q
 
+    def fake_bias(self, cfg, bias, s_in, weight_quant):
+        """Rounded half up onto the accumulator grid ``2^(s_in + e_low)`` (the layer's
+        window bottom), as ``per_channel_requant`` rounds it (main's QAT hook)."""
+        fit = getattr(weight_quant, "last_fit", None)
+        if s_in is None or fit is None:
+            return bias
+        step = 2.0 ** (s_in + fit.e_low)
+        return bias + (torch.floor(bias / step + 0.5) * step - bias).detach()
+
     def integer_layer(self, m, io, cfg):
         where = f"layer {io.name!r}"
         with torch.no_grad():
