@@ -108,7 +108,7 @@ def _lower_simple(kernel: Callable, name: str):
     return lower
 
 
-OPAQUE = ("tvmq_qconv2d", "tvmq_qdense", "tvmq_bitserial")
+OPAQUE = ("tvmq_qconv2d", "tvmq_qdense", "tvmq_bitserial", "tvmq_shiftadd")
 OP_PATTERN_OPAQUE = 8  # relax.OpPatternKind.kOpaque: FuseOps leaves the kernel alone
 
 # composite name -> lowering rule, or {lowering name: rule} where a scheme's op may run as

@@ -75,7 +75,7 @@ def load_model(model: str | None, scheme: str, quiet: bool, data_dir: str | None
 
 def scheme_summary(manifest: dict) -> str:
     """The recipe in one line, in its scheme's own words (from the registry)."""
-    from tvmq.schemes import get_recipe, Recipe
+    from tvmq.schemes import Recipe
 
     recipe = manifest.get("recipe")
     if not recipe:

@@ -28,7 +28,9 @@ def _workload(composite, call, scalars, target) -> str:
     shapes = [[int(d) for d in a.ty.shape] for a in call.args]
     h = hashlib.sha256(json.dumps([composite, shapes, scalars, str(target)]).encode())
     for module in ("relay_passes.lower_composites", "relay_passes.lower_ternary",
-                   "topi_ops.conv2d", "topi_ops.bitserial", "schedules.default"):
+                   "relay_passes.lower_pot", "topi_ops.conv2d", "topi_ops.bitserial",
+                   "topi_ops.shiftadd", "schedules.default", "schedules.bitserial",
+                   "schedules.shiftadd"):
         try:
             h.update(Path(__import__(module, fromlist=["_"]).__file__).read_bytes())
         except ImportError:
@@ -50,7 +52,7 @@ def _one_op_module(mod: tvm.IRModule, call: relax.Call) -> tvm.IRModule:
     return bb.get()
 
 
-KERNELS = ("tvmq_qconv2d", "tvmq_qdense", "tvmq_bitserial")
+KERNELS = ("tvmq_qconv2d", "tvmq_qdense", "tvmq_bitserial", "tvmq_shiftadd")
 
 
 def _signature(func, target) -> tuple[str, int] | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -287,5 +287,4 @@ def get_recipe(recipe: "str | Path | dict | Recipe") -> Recipe:
 
 
 # the registered schemes (imported for their registration)
-from tvmq.schemes import int_se, ternary  # noqa: E402,F401
-from tvmq.schemes import ioiq, mxqn  # noqa: E402,F401
+from tvmq.schemes import int_se, ioiq, mxqn, pot, ternary  # noqa: E402,F401

@@ -49,7 +49,7 @@ from torch import nn
 
 from tvmq import bodies
 from tvmq.integer import INT32_MAX, check_accumulator, shift_in_range
-from tvmq.quantizers import (EXPONENT_RANGE, IntSEQuantizer, IntSEWeightQuantizer,
+from tvmq.quantizers import (IntSEQuantizer, IntSEWeightQuantizer,
                              check_finite, covering_exponent, fake_quantize, round_half_up)
 from tvmq.schemes import register_scheme
 from tvmq.schemes.int_se import IntSE, IntSEConfig, bias_exponent
