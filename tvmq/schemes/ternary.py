@@ -138,7 +138,8 @@ class BoxPlotQuantizer(nn.Module):
     Training: the quartiles Q1, Q3 of each batch update an exponential moving average; the
     step is ``2^round(log2(clip / (2^N − 1)))`` with ``clip = Q3 + 1.5·(Q3 − Q1)``. Eval and
     export use the frozen averages. ``x_q = clamp(floor(x / step + 1/2), 0, 2^N − 1)·step``
-    (round half up, as the integer graph rounds), straight-through gradient.
+    (round half up, as the integer graph rounds), straight-through gradient inside the clip
+    and none above it (the clipped STE of DoReFa/PACT: a clipped value does not move).
 
     A tensor with no spread at all (every value seen was 0, so clip = 0) has no defined
     step: :attr:`exponent` raises :class:`ZeroSpreadError` naming the layer at convert.
@@ -208,6 +209,8 @@ class BoxPlotQuantizer(nn.Module):
             return x
         step = 2.0 ** e
         q = torch.clamp(round_half_up(x / step), 0, self.levels) * step
+        # clipped straight-through: no gradient through values the clip cuts off
+        x = torch.clamp(x, max=self.levels * step)
         return x + (q - x).detach()
 
     def extra_repr(self) -> str:
