@@ -24,7 +24,8 @@ from tvmq import schemes, zoo
 from tvmq.compile import compile_relax
 from tvmq.frontend import import_exported_program
 from tvmq.integer import AccumulatorOverflowError
-from tvmq.schemes.pot import (POWERS, HalfUpIntSEQuantizer, PotWindowWarning, decode, fit_pot,
+from tvmq.quantizers import IntSEQuantizer
+from tvmq.schemes.pot import (POWERS, PotWindowWarning, decode, fit_pot,
                               nearest_level)
 
 ops = torch.ops.tvmq
@@ -124,7 +125,7 @@ def test_recipe_gives_any_activation_quantizer():
     qat = tvmq.prepare(zoo.digits_net(), {"*": "aptq", "layers.0.conv1": "apq:3,act=ternary,act_bits=3"})
     by_name = {m.layer_name: m for m in qat.modules() if hasattr(m, "layer_name")}
     assert type(by_name["layers.0.conv1"].out_quant).__name__ == "BoxPlotQuantizer"
-    assert isinstance(by_name["layers.0.conv2"].out_quant, HalfUpIntSEQuantizer)
+    assert isinstance(by_name["layers.0.conv2"].out_quant, IntSEQuantizer)
     assert by_name["stem.0"].scheme.weight.spec == "int-se"  # kept 8-bit: first layer
 
 
