@@ -79,3 +79,28 @@ def test_max_pool_window_of_padding_only_is_the_minimum_on_both_sides():
     want = m(x)
     assert want[0, 0, 0, 0] == -128 and want[0, 0, 1, 1] == 5
     assert_bit_exact(run_tvm(m, x), want)
+
+
+class HandMade(nn.Module):
+    """A deploy graph written by hand (as in a user's .pt2): no convert, no checks."""
+
+    def __init__(self, out_shift=4, big=False):
+        super().__init__()
+        self.register_buffer("w", torch.full((4, 16384, 3, 3), 127 if big else 1, dtype=torch.int8))
+        self.register_buffer("b", torch.zeros(4, dtype=torch.int32))
+        self.out_shift = out_shift
+
+    def forward(self, x):
+        q = torch.ops.tvmq.quantize(x, -4, 8)
+        y = torch.ops.tvmq.qconv2d(q, self.w, self.b, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0,
+                                   self.out_shift, False, 8)
+        return torch.ops.tvmq.dequantize(y, 0)
+
+
+@pytest.mark.parametrize("model,match", [(HandMade(out_shift=40), "requantization shift 40"),
+                                         (HandMade(big=True), "int32 accumulator")])
+def test_a_users_program_gets_the_checks_convert_makes(model, match, tmp_path):
+    ep = torch.export.export(model, (torch.randn(1, 16384, 4, 4),))
+    with pytest.raises(ValueError, match=match):
+        tvmq.build(ep, target="x86", out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()

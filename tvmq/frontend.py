@@ -19,6 +19,7 @@ from tvm.relax.frontend.torch import from_exported_program
 
 import tvmq.schemes  # noqa: F401  every scheme's ops and bodies are registered
 from tvmq.bodies import BODIES
+from tvmq.integer import check_program
 from tvmq.qat import UnsupportedOpError
 
 # aten ops that only move or reshape data: allowed between tvmq ops in a deploy graph
@@ -82,5 +83,6 @@ def check_supported(ep: torch.export.ExportedProgram) -> None:
 def import_exported_program(ep: torch.export.ExportedProgram) -> tvm.IRModule:
     """The Relax module of a tvmq deploy program, quantized ops as ``tvmq.*`` composites."""
     check_supported(ep)
+    check_program(ep)  # a .pt2 from anywhere gets the checks convert makes
     return from_exported_program(ep, custom_convert_map=custom_convert_map(),
                                  run_ep_decomposition=False, unwrap_unit_return_tuple=True)

@@ -214,3 +214,52 @@ class IntAvgPool2d(nn.Module):
 
     def forward(self, x):
         return torch.ops.tvmq.qavg_pool2d(x, self.kernel, self.stride, self.bits)
+
+
+# ----------------------------------------------------------------------------- programs
+def _constants(ep) -> dict:
+    """Placeholder name -> tensor for every weight/buffer/constant an exported program holds."""
+    sig, out = ep.graph_signature, {}
+    for mapping, store in ((sig.inputs_to_parameters, ep.state_dict),
+                           (sig.inputs_to_buffers, ep.state_dict),
+                           (sig.inputs_to_lifted_tensor_constants, ep.constants)):
+        for placeholder, key in mapping.items():
+            if key in store:
+                out[placeholder] = store[key]
+    return out
+
+
+def check_program(ep) -> None:
+    """The checks ``convert`` makes, on a program from anywhere (a user's ``.pt2``): every
+    shift representable and no int32 accumulator that could overflow, for int8 inputs,
+    naming the node. ``tvmq.build`` runs it before lowering."""
+    consts = _constants(ep)
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "tvmq":
+            continue
+        op = node.target.__name__.split(".")[0]
+        where = f"node {node.name!r}"
+
+        def tensor(i):
+            arg = node.args[i]
+            return consts.get(getattr(arg, "name", None))
+
+        if op in ("qconv2d", "qlinear"):
+            bias_shift, out_shift = node.args[-4], node.args[-3]
+            shift_in_range(out_shift, where, "requantization shift")
+            shift_in_range(bias_shift, where, "bias shift", lo=0)
+            w, b = tensor(1), tensor(2)
+            if w is not None and b is not None:
+                b_aligned = b.to(torch.int64) << bias_shift
+                check_accumulator(node.name, w.flatten(1) if w.dim() > 1 else w[:, None],
+                                  b_aligned, 128, out_shift)
+        elif op in ("qconv2d_pc", "qlinear_pc"):
+            w, b, s = tensor(1), tensor(2), tensor(3)
+            if s is not None:
+                for p in s.tolist():
+                    shift_in_range(int(p), where, "requantization shift")
+            if w is not None and b is not None and s is not None:
+                check_accumulator(node.name, w.flatten(1), b, 128, s.to(torch.int64))
+        elif op == "qadd":
+            for p in node.args[2:4]:
+                shift_in_range(p, where, "alignment shift", lo=-23)
