@@ -191,6 +191,7 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
     info = getattr(ep, "tvmq_info", {})
     name = name or info.get("model", "model")
     example = example if example is not None else ep.example_inputs[0][0]
+    ep = frontend.rewrite_program(ep, example)  # PT2E int8 programs -> tvmq ops (tvmq.pt2e)
 
     mod = frontend.import_exported_program(ep)
     database = open_database(db, tgt) if db is not None else None

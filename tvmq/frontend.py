@@ -19,6 +19,7 @@ from tvm.relax.frontend.torch import from_exported_program
 
 import tvmq.schemes  # noqa: F401  every scheme's ops and bodies are registered
 from tvmq.bodies import BODIES
+import tvmq.pt2e  # noqa: E402  PT2E programs: affine ops, their bodies, the importer
 from tvmq.qat import UnsupportedOpError
 
 # aten ops that only move or reshape data: allowed between tvmq ops in a deploy graph
@@ -79,8 +80,14 @@ def check_supported(ep: torch.export.ExportedProgram) -> None:
         )
 
 
+def rewrite_program(ep, example=None):
+    """A PT2E int8 program (``quantized_decomposed`` ops) -> tvmq ops (``tvmq.pt2e``)."""
+    return tvmq.pt2e.import_program(ep, example) if tvmq.pt2e.is_pt2e(ep) else ep
+
+
 def import_exported_program(ep: torch.export.ExportedProgram) -> tvm.IRModule:
     """The Relax module of a tvmq deploy program, quantized ops as ``tvmq.*`` composites."""
+    ep = rewrite_program(ep)
     check_supported(ep)
     return from_exported_program(ep, custom_convert_map=custom_convert_map(),
                                  run_ep_decomposition=False, unwrap_unit_return_tuple=True)
