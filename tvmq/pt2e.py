@@ -324,8 +324,7 @@ class _Importer:
                 continue  # torch.export's input guards (ExportedProgram.module())
             elif node.op == "output":
                 outs = node.args[0]
-                single = not isinstance(outs, (tuple, list))
-                outs = [outs] if single else outs
+                outs = [outs] if not isinstance(outs, (tuple, list)) else outs
                 results = []
                 for o in outs:
                     v = self.env.get(o) if isinstance(o, fx.Node) else None
@@ -333,7 +332,7 @@ class _Importer:
                         self.refuse(node, "the model's output is not a dequantized int8 tensor")
                     results.append(self.call(tvmq_ops.dequantize_affine.default, v.node,
                                              f32(v.q.scale), v.q.zp))
-                self.graph.output(results[0] if single else tuple(results))
+                self.graph.output(results[0] if len(results) == 1 else tuple(results))
             else:
                 self.refuse(node, f"{node.op} nodes are not supported")
         self.graph.lint()
