@@ -19,7 +19,7 @@ from tvm.relax.frontend.torch import from_exported_program
 
 import tvmq.schemes  # noqa: F401  every scheme's ops and bodies are registered
 from tvmq.bodies import BODIES
-import tvmq.pt2e  # noqa: E402  PT2E programs: affine ops, their bodies, the importer
+import tvmq.ops_affine  # noqa: E402,F401  affine (PT2E) ops + bodies; quantized_decomposed ops
 from tvmq.qat import UnsupportedOpError
 
 # aten ops that only move or reshape data: allowed between tvmq ops in a deploy graph
@@ -80,9 +80,11 @@ def check_supported(ep: torch.export.ExportedProgram) -> None:
         )
 
 
-def rewrite_program(ep, example=None):
+def rewrite_program(ep, example=None, shift_only: bool = False):
     """A PT2E int8 program (``quantized_decomposed`` ops) -> tvmq ops (``tvmq.pt2e``)."""
-    return tvmq.pt2e.import_program(ep, example) if tvmq.pt2e.is_pt2e(ep) else ep
+    from tvmq import pt2e
+
+    return pt2e.import_program(ep, example, shift_only=shift_only) if pt2e.is_pt2e(ep) else ep
 
 
 def import_exported_program(ep: torch.export.ExportedProgram) -> tvm.IRModule:

@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  PT2E's ops: .pt2 files load
 import torch.nn.functional as F
 from tvm import relax
 
