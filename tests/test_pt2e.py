@@ -208,6 +208,21 @@ def test_configs_import_and_build_bit_exact(kind, per_channel, tmp_path):
     assert torch.equal(art.run(test[:1]), imported.module()(test[:1]))
 
 
+def test_shift_only_is_a_pure_shift_and_bit_exact(tmp_path):
+    images = data.digits("train").tensors[0]
+    torch.manual_seed(0)
+    converted = _ptq(Small(), pt2e.quantizer("x86", qat=False), list(images[:256].split(64)))
+    x1 = images[:1]
+    imported = pt2e.import_program(torch.export.export(converted, (x1,)), x1, shift_only=True)
+    consts = dict(imported.named_buffers())
+    mults = [v for k, v in consts.items() if k.endswith(tuple(f"mult_{i}" for i in range(99)))]
+    assert mults and all(((m & (m - 1)) == 0).all() for m in mults)  # powers of two
+    assert any(bool((m == 1).all()) for m in mults)  # the int32 round_shift epilogue
+    art = tvmq.build(imported, x1, target="x86", out=tmp_path / "art", parity=8,
+                     parity_data=data.digits("test").tensors[0])
+    assert art.manifest["parity"]["mismatches"] == 0
+
+
 def test_x86_inductor_quantizer_float_output_is_refused_by_name(tmp_path):
     """X86InductorQuantizer itself leaves the last conv/linear's output in float (the inductor
     fuses the dequantize); tvmq needs a quantized output and says so, naming the node. Its

@@ -203,6 +203,18 @@ class _Importer:
                                            " the accumulator's scale s_x * s_w")
         return scaled.to(torch.int32)
 
+    @staticmethod
+    def power_of_two_weight(s_x: float, w: Weight, s_y: float) -> Weight:
+        """``--shift-only`` for conv/linear: each channel's weight scale rounded *up* so that
+        ``s_x * s_w[o] / s_y`` is a power of two, and the int8 weights re-rounded onto it
+        (``|w'| <= |w|``, so they stay int8): the layer keeps its real-valued weights to
+        within half a new step instead of scaling each channel by up to sqrt(2)."""
+        m = s_x * w.scales / s_y
+        ratio = torch.pow(2.0, torch.ceil(torch.log2(m))) / m  # in [1, 2)
+        view = (-1,) + (1,) * (w.w.dim() - 1)
+        w_int = torch.round(w.w.double() / ratio.view(view)).clamp(-127, 127).to(torch.int8)
+        return Weight(w_int, w.scales * ratio)
+
     def check_acc(self, node, w: torch.Tensor, b: torch.Tensor):
         worst = (255 * w.to(torch.int64).abs().flatten(1).sum(1) + b.to(torch.int64).abs())
         if int(worst.max()) >= INT32_MAX:
@@ -220,6 +232,8 @@ class _Importer:
         bias = kw.get("bias", args[2])
         q_node, relu = self.out_chain(node)
         qy = QParams.of(q_node)
+        if self.shift_only:
+            w = self.power_of_two_weight(x.q.scale, w, qy.scale)
         b = self.bias_int(node, bias, x.q.scale, w)
         self.check_acc(node, w.w, b)
         mult, shift = multipliers(x.q.scale * w.scales.double() / qy.scale, self.shift_only)
