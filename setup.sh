@@ -13,3 +13,5 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 python3 -m pip install -q -c constraints.txt -e ".[test]"
+# torchao (PT2E QAT/PTQ, tvmq.pt2e and its tests): --no-deps keeps pip from touching torch
+python3 -m pip install -q --no-deps "torchao==0.18.*"

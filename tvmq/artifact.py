@@ -366,7 +366,7 @@ def parity_inputs(example: torch.Tensor, count: int, inputs=None, seed: int = 0)
 def build(model, example: torch.Tensor | None = None, target="x86", out: str | Path | None = None,
           *, name: str | None = None, parity: int = 64, parity_data=None,
           accuracy_data=None, extra: dict | None = None, db: str | Path | None = None,
-          lowerings: dict | None = None) -> Artifact:
+          lowerings: dict | None = None, shift_only: bool = False) -> Artifact:
     """Compile a deploy model (or an ExportedProgram, or a ``.pt2`` path) for ``target``.
 
     The graph is also built for this machine and run on ``parity`` inputs against the
@@ -376,6 +376,8 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
     ``target``; its kernels replace the default schedules. ``lowerings``: ``{layer module or
     node: lowering}`` forces a kernel where a scheme has several (default: the fastest,
     measured on this host or estimated for a board; the manifest's ``layers`` say which).
+    ``shift_only``: a PT2E int8 program's scales rounded to powers of two, so that every
+    requantization is a shift (``tvmq.pt2e``).
 
     ``out`` (default ``build/<name>-<target>``) must not exist, be empty, or hold a previous
     tvmq artifact, which is replaced whole; anything else is an :class:`ArtifactError` and
@@ -400,6 +402,8 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
     example = example if example is not None else ep.example_inputs[0][0]
     out = Path(out) if out is not None else default_out(name, target)
     check_out(out)
+    # PT2E int8 programs -> tvmq ops (tvmq.pt2e); shift_only: power-of-two requantization
+    ep = frontend.rewrite_program(ep, example, shift_only=shift_only)
 
     mod = frontend.import_exported_program(ep)
     database = open_database(db, tgt) if db is not None else None

@@ -174,6 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--db", help="a tuning database (python -m tvmq.tune) for this target;"
                     " zoo models use the one shipped for this CPU when there is one")
     ap.add_argument("--no-db", action="store_true", help="default schedules only")
+    ap.add_argument("--shift-only", action="store_true",
+                    help="a PT2E int8 .pt2: round its scales to powers of two so every"
+                    " requantization is a shift (default: fixed-point multipliers)")
     args = ap.parse_args(argv)
     try:
         validate_args(args)  # every argument checked before minutes of training
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
         with console.status(f"compiling {name} for {args.target}"):
             art = build(ep, target=args.target, out=out, name=name, parity=args.parity,
                         parity_data=parity_data, accuracy_data=accuracy_data, extra=extra,
-                        db=db)
+                        db=db, shift_only=args.shift_only)
     except USER_ERRORS as err:
         console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         return 2

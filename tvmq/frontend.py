@@ -20,6 +20,7 @@ from tvm.relax.frontend.torch import from_exported_program
 import tvmq.schemes  # noqa: F401  every scheme's ops and bodies are registered
 from tvmq.bodies import BODIES
 from tvmq.integer import check_program
+import tvmq.ops_affine  # noqa: E402,F401  affine (PT2E) ops + bodies; quantized_decomposed ops
 from tvmq.qat import UnsupportedOpError
 
 # aten ops that only move or reshape data: allowed between tvmq ops in a deploy graph
@@ -80,8 +81,16 @@ def check_supported(ep: torch.export.ExportedProgram) -> None:
         )
 
 
+def rewrite_program(ep, example=None, shift_only: bool = False):
+    """A PT2E int8 program (``quantized_decomposed`` ops) -> tvmq ops (``tvmq.pt2e``)."""
+    from tvmq import pt2e
+
+    return pt2e.import_program(ep, example, shift_only=shift_only) if pt2e.is_pt2e(ep) else ep
+
+
 def import_exported_program(ep: torch.export.ExportedProgram) -> tvm.IRModule:
     """The Relax module of a tvmq deploy program, quantized ops as ``tvmq.*`` composites."""
+    ep = rewrite_program(ep)
     check_supported(ep)
     check_program(ep)  # a .pt2 from anywhere gets the checks convert makes
     return from_exported_program(ep, custom_convert_map=custom_convert_map(),
