@@ -398,6 +398,7 @@ def _plot(results: dict, title: str, path: Path) -> None:
 
 def _table(results: dict, ratios: dict, title: str):
     """The rich table: median, IQR, ratio to each baseline, note."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, caption="÷ fp32, ÷ int8: median over PyTorch fp32's, int8's")
@@ -407,7 +408,7 @@ def _table(results: dict, ratios: dict, title: str):
     table.add_column("note", min_width=14)
     for peer, r in results.items():
         if "median_ms" not in r:  # the reason is printed in full under the table
-            note = ("[yellow]unavailable: " + r["unavailable"].split(" (")[0] + "[/]"
+            note = ("[yellow]unavailable: " + escape(r["unavailable"].split(" (")[0]) + "[/]"
                     if "unavailable" in r else
                     f"[red]not recorded: {r['not_recorded']}[/]" if "not_recorded" in r
                     else "[red]failed[/]")
@@ -419,9 +420,9 @@ def _table(results: dict, ratios: dict, title: str):
         if "busy" in r:
             worst = max((d for d in (r["busy"]["before"], r["busy"]["during"]) if d),
                         key=lambda d: d["cores"])
-            note = f"[red]BUSY: {worst['cores']:.2f} foreign cores, not trustworthy[/]; {note}"
+            note = f"[red]BUSY ({worst['cores']:.2f} foreign cores)[/] {escape(note)}"
         table.add_row(LABELS[peer], f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}", *cells,
-                      note)
+                      note if "busy" in r else escape(note))
     return table
 
 
@@ -491,7 +492,7 @@ def main(argv=None) -> int:
         for peer in peers:
             bar.update(task, info=f"{LABELS[peer]} (own process)")
             results[peer] = _run_peer(peer, args, say=lambda m: bar.console.print(
-                m, highlight=False))
+                m, highlight=False, markup=False))
             bar.advance(task)
         bar.update(task, info="done")
 
@@ -507,7 +508,8 @@ def main(argv=None) -> int:
         for p, r in results.items():
             if "median_ms" not in r and "not_recorded" not in r:
                 console.print(f"{LABELS[p]}: unavailable: {r['unavailable']}" if "unavailable"
-                              in r else f"{LABELS[p]}: {r.get('error')}", highlight=False)
+                              in r else f"{LABELS[p]}: {r.get('error')}", highlight=False,
+                              markup=False)
             elif "busy" in r or "not_recorded" in r:
                 b = r["busy"]
                 worst = max((d for d in (b["before"], b["during"]) if d),
@@ -515,7 +517,7 @@ def main(argv=None) -> int:
                 console.print(f"{LABELS[p]}: {_peers.busy_line(worst)}"
                               + (" (recorded: --allow-busy)" if "median_ms" in r else
                                  f" in {b['attempts']} attempts: not recorded"),
-                              highlight=False)
+                              highlight=False, markup=False)
         verdict = ("not measured" if value is None
                    else f"{value:.2f}× -> {'[green]PASS[/]' if passed else '[red]FAIL[/]'}")
         console.print(f"bar: {LABELS[peer]} <= {limit:g}× {LABELS[base]}: {verdict}")
@@ -546,9 +548,10 @@ def main(argv=None) -> int:
         console.print(bench_layers.table(report["layers"], f"{args.model}: slowest convolutions,"
                                          f" {args.threads} threads"))
     write_atomic(out / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2)))
-    if results:
+    plotted = any("median_ms" in r for r in results.values())
+    if plotted:
         _plot(results, title, out / "bench.png")
-    console.print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if results else ""))
+    console.print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else ""))
     return 0
 
 
