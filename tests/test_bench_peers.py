@@ -163,3 +163,11 @@ def test_missing_package_is_reported_unavailable(monkeypatch):
     console = Console(record=True, width=200)
     console.print(bench._table({"ort_int8": r, "et_int8": r}, {}, "t"))
     assert "unavailable: pip install -e .[peers]" in console.export_text()
+
+
+def test_rounds_keep_the_median_round_and_drop_refused_ones():
+    r = bench._rounds([{"median_ms": 3.0, "note": "a"}, {"not_recorded": "machine busy"},
+                       {"median_ms": 1.0, "note": "b"}, {"median_ms": 2.0, "note": "c"}])
+    assert r["median_ms"] == 2.0 and r["rounds_ms"] == [3.0, 1.0, 2.0]
+    assert r["rounds_not_recorded"] == 1 and r["note"].startswith("rounds 1.00–3.00, c")
+    assert bench._rounds([{"not_recorded": "machine busy"}])["not_recorded"]

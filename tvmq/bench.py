@@ -345,6 +345,27 @@ def _run_peer(peer: str, args, say=print) -> dict:
     return {"not_recorded": "machine busy", "busy": busy}
 
 
+def _rounds(runs: list[dict]) -> dict:
+    """One peer's result over its rounds: the recorded round whose median is the median of
+    the rounds' (``rounds_ms``: every recorded round's median, in order). A round refused on
+    a busy machine is left out (``rounds_not_recorded``); with none recorded, the last."""
+    ok = [r for r in runs if "median_ms" in r]
+    if not ok:
+        return runs[-1]
+    if len(runs) == 1:
+        return ok[0]
+    mid = sorted(ok, key=lambda r: r["median_ms"])[(len(ok) - 1) // 2]
+    out = {**mid, "rounds_ms": [r["median_ms"] for r in ok]}
+    if len(ok) < len(runs):
+        out["rounds_not_recorded"] = len(runs) - len(ok)
+    if any("busy" in r for r in ok) and "busy" not in out:
+        out["busy"] = next(r["busy"] for r in ok if "busy" in r)
+    if len(ok) > 1:
+        out["note"] = (f"rounds {min(out['rounds_ms']):.2f}–{max(out['rounds_ms']):.2f}, "
+                       + out.get("note", ""))
+    return out
+
+
 def _machine(threads: int) -> dict:
     """CPU model, LLVM's mcpu for it, thread count, library versions, date, tvmq commit."""
     import torch
@@ -435,6 +456,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", "--repeats", type=int, default=CALLS,
                     help=f"timed single calls per peer, at least (default {CALLS}; more if"
                          f" they last under {MIN_TIMED_S:g} s)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds, every peer once per round (round-robin), each in a fresh"
+                         " process; reported: the round with the median median")
     ap.add_argument("--allow-busy", action="store_true",
                     help="record peers timed while other processes load the machine (marked"
                          " BUSY in the table and the JSON) instead of refusing them")
@@ -486,15 +510,22 @@ def main(argv=None) -> int:
     if args.kernels:
         return _kernels(args)
     peers = [p for p in PEERS if p not in args.skip and not args.layers_only]
-    results = {}
+    runs = {p: [] for p in peers}
     with progress() as bar:
-        task = bar.add_task(f"bench {args.model}", total=len(peers), info="")
-        for peer in peers:
-            bar.update(task, info=f"{LABELS[peer]} (own process)")
-            results[peer] = _run_peer(peer, args, say=lambda m: bar.console.print(
-                m, highlight=False, markup=False))
-            bar.advance(task)
+        task = bar.add_task(f"bench {args.model}", total=len(peers) * args.rounds, info="")
+        for rnd in range(args.rounds):  # round-robin: a slow spell hits every peer alike
+            for peer in peers:
+                first = runs[peer][0] if runs[peer] else {}
+                if "unavailable" in first or "error" in first:  # once is enough
+                    bar.advance(task)
+                    continue
+                bar.update(task, info=f"{LABELS[peer]} (own process)"
+                           + (f", round {rnd + 1}/{args.rounds}" if args.rounds > 1 else ""))
+                runs[peer].append(_run_peer(peer, args, say=lambda m: bar.console.print(
+                    m, highlight=False, markup=False)))
+                bar.advance(task)
         bar.update(task, info="done")
+    results = {p: _rounds(rs) for p, rs in runs.items()}
 
     machine = _machine(args.threads)
     ratios = _ratios(results)
@@ -526,6 +557,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "threads": args.threads, "machine": machine,
               "timing": {"calls": args.calls, "min_timed_s": MIN_TIMED_S, "warmup": WARMUP,
+                         "rounds": args.rounds,
                          "statistic": "median, IQR of single calls timed from Python",
                          "calib_batches": CALIB_BATCHES},
               "load_guard": {"busy_cores": args.busy_cores, "tries": args.busy_tries,
