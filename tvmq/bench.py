@@ -7,8 +7,14 @@ thread pool both spin, and slow each other down when they share a process):
 - ``torch_int8``  PyTorch int8: FX graph mode quantization, x86 backend
 - ``tvm_fp32``    TVM, float model, default Relax pipeline, untuned
 - ``tvmq_w8a8``   tvmq INT-SE W8A8 with its default schedules, untuned
+- ``ort_fp32``, ``ort_int8``, ``et_fp32``, ``et_int8``: ONNX Runtime and ExecuTorch + XNNPACK
+  (:mod:`tvmq.peers`; optional: ``pip install -e .[peers]``, reported unavailable otherwise)
 
-The machine is shared and noisy: read the ratios of one run, not milliseconds across runs.
+Every peer is timed the same way: single calls timed from Python, the median of at least
+``--calls`` (50) of them after ``WARMUP`` calls. Timing under load measures the load: the
+foreign load (other processes' CPU) is measured before and while each peer is timed, and a
+peer timed on a busy machine is rerun, then reported "not recorded: machine busy" unless
+``--allow-busy`` (then recorded, with a warning in the table and the JSON).
 Writes ``OUT/bench.json`` and ``OUT/bench.png``.
 """
 from __future__ import annotations
@@ -24,18 +30,23 @@ import time
 from pathlib import Path
 
 from deploy.report import write_atomic
+from tvmq import peers as _peers
 
 LABELS = {"torch_fp32": "PyTorch fp32", "torch_int8": "PyTorch int8 (x86)",
           "tvm_fp32": "TVM fp32 untuned", "tvm_fp32_tuned": "TVM fp32 tuned",
           "tvmq_w8a8": "tvmq W8A8 default",
-          "tvmq_w8a8_tuned": "tvmq W8A8 tuned"}
+          "tvmq_w8a8_tuned": "tvmq W8A8 tuned", **_peers.LABELS}
 BASELINES = ("torch_fp32", "torch_int8")
 SHORT = {"torch_fp32": "fp32", "torch_int8": "int8"}  # table headers
 BAR = ("tvmq_w8a8", "torch_fp32", 2.0)  # the project's bar: tvmq W8A8 <= 2x PyTorch fp32
 SEED = 0
-WARMUP = 3            # untimed calls before timing
-MIN_REPEAT_MS = 200   # calls per repeat are chosen so that one repeat lasts at least this
-CALIB_BATCHES = 4     # random batches the PyTorch int8 observers see
+WARMUP = 5            # untimed calls before timing
+CALLS = 50            # timed single calls, at least (--calls)
+MIN_TIMED_S = 1.0     # ... and at least this long: the load measured over it means something
+MAX_CALLS = 100_000
+CALIB_BATCHES = 8     # random batches every int8 peer's calibration sees (the same ones)
+BUSY_TRIES = 3        # a peer timed on a busy machine is rerun this many times in all
+BUSY_WAIT_S = 10.0    # ... this long after the machine was found busy
 PARITY_INPUTS = 2     # tvmq.build's parity check (not the point here: keep it short)
 RESULT = "TVMQ-BENCH-RESULT "  # prefix of the line a peer process prints its result on
 
@@ -52,41 +63,46 @@ def _stats(samples_ms: list[float], number: int | None = None) -> dict:
             "number": number}
 
 
-def _time_python(fn, repeats: int) -> dict:
-    """Time a Python callable.
+def _time_python(fn, calls: int = CALLS) -> dict:
+    """Time a callable the way every peer is timed: single calls timed from Python.
 
     Parameters
     ----------
     fn : callable
-        Called with no arguments.
-    repeats : int
-        Timed repeats; each runs ``fn`` ``number`` times, ``number`` chosen after the
-        warm-up so that one repeat lasts at least ``MIN_REPEAT_MS``.
+        Called with no arguments: one inference.
+    calls : int
+        Timed calls, at least; after ``WARMUP`` untimed ones, more until the timed calls
+        last ``MIN_TIMED_S`` (at most ``MAX_CALLS``), so that the foreign load measured
+        over them is not rounding noise.
 
     Returns
     -------
     dict
-        ``median_ms``, ``iqr_ms`` (per call), ``repeats``, ``number``.
+        ``median_ms``, ``iqr_ms``, quartiles (per call), ``calls``, and ``load``: the
+        cores other processes used while the calls were timed (:func:`tvmq.peers.foreign_load`).
     """
-    import numpy as np
-
-    warm = []
     for _ in range(WARMUP):
+        fn()
+    own = _peers.own_pids()
+    before = _peers.snapshot()
+    samples = []
+    t0 = time.perf_counter()
+    while len(samples) < calls or (time.perf_counter() - t0 < MIN_TIMED_S
+                                   and len(samples) < MAX_CALLS):
         t = time.perf_counter()
         fn()
-        warm.append(time.perf_counter() - t)
-    number = max(1, int(np.ceil(MIN_REPEAT_MS / 1e3 / max(np.median(warm), 1e-9))))
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(number):
-            fn()
-        samples.append((time.perf_counter() - t) / number * 1e3)
-    return _stats(samples, number)
+        samples.append((time.perf_counter() - t) * 1e3)
+    load = _peers.foreign_load(before, _peers.snapshot(), own)
+    r = _stats(samples)
+    for k in ("number", "repeats"):
+        del r[k]
+    return {**r, "calls": len(samples), "load": load}
 
 
-def _time_vm(lib, x, repeats: int) -> dict:
-    """Time ``main`` of a Relax VM library (or Executable) on ``x`` with TVM's own timer.
+def _time_vm(lib, x, calls: int = CALLS) -> dict:
+    """Time ``main`` of a Relax VM library (or Executable) on ``x`` as :func:`_time_python`
+    times every peer (one call timed from Python; the VM's own call overhead included, as
+    every other runtime's is).
 
     Parameters
     ----------
@@ -94,25 +110,24 @@ def _time_vm(lib, x, repeats: int) -> dict:
         The compiled model.
     x : torch.Tensor
         The float input.
-    repeats : int
-        Timed repeats of at least ``MIN_REPEAT_MS`` each (``time_evaluator`` adapts the
-        number of calls per repeat).
-
-    Returns
-    -------
-    dict
+    calls : int
         As :func:`_time_python`.
     """
     import tvm
     from tvm import relax
 
     vm = relax.VirtualMachine(lib, tvm.cpu())
+    main = vm["main"]
     data = tvm.runtime.tensor(x.numpy())
-    for _ in range(WARMUP):
-        vm["main"](data)
-    timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeats,
-                              min_repeat_ms=MIN_REPEAT_MS)
-    return _stats([r * 1e3 for r in timer(data).results])
+    return _time_python(lambda: main(data), calls)
+
+
+def _calib_batches(x) -> list:
+    """The ``CALIB_BATCHES`` random batches every int8 peer is calibrated on (seeded)."""
+    import torch
+
+    g = torch.Generator().manual_seed(SEED + 1)
+    return [torch.randn(x.shape, generator=g) for _ in range(CALIB_BATCHES)]
 
 
 # ----------------------------------------------------------------------------- peers
@@ -127,7 +142,7 @@ def _float_model(model: str):
     return factory().eval(), torch.randn(shape)
 
 
-def torch_fp32(model: str, repeats: int) -> dict:
+def torch_fp32(model: str, calls: int) -> dict:
     """PyTorch eager fp32 under ``inference_mode``: NCHW and channels_last, the faster."""
     import torch
 
@@ -136,12 +151,12 @@ def torch_fp32(model: str, repeats: int) -> dict:
     for name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
         m, xi = copy.deepcopy(net).to(memory_format=fmt), x.contiguous(memory_format=fmt)
         with torch.inference_mode():
-            r = {**_time_python(lambda: m(xi), repeats), "note": name}
+            r = {**_time_python(lambda: m(xi), calls), "note": name}
         best = r if best is None or r["median_ms"] < best["median_ms"] else best
     return best
 
 
-def torch_int8(model: str, repeats: int) -> dict:
+def torch_int8(model: str, calls: int) -> dict:
     """PyTorch int8: ``prepare_fx``/``convert_fx`` with the x86 qconfig mapping, calibrated
     on random batches; ``{"unavailable": reason}`` when this torch has no FX quantization."""
     import torch
@@ -157,14 +172,14 @@ def torch_int8(model: str, repeats: int) -> dict:
     net, x = _float_model(model)
     prepared = prepare_fx(net, get_default_qconfig_mapping("x86"), (x,))
     with torch.inference_mode():
-        for _ in range(CALIB_BATCHES):
-            prepared(torch.randn_like(x))
+        for b in _calib_batches(x):
+            prepared(b)
     q = convert_fx(prepared)
     with torch.inference_mode():
-        return {**_time_python(lambda: q(x), repeats), "note": "engine x86"}
+        return {**_time_python(lambda: q(x), calls), "note": "engine x86"}
 
 
-def tvm_fp32(model: str, repeats: int) -> dict:
+def tvm_fp32(model: str, calls: int) -> dict:
     """TVM fp32: ``torch.export`` -> ``from_exported_program`` -> ``tvm.compile`` for the
     host target (default Relax pipeline, no tuning)."""
     import torch
@@ -178,10 +193,10 @@ def tvm_fp32(model: str, repeats: int) -> dict:
     mod = from_exported_program(torch.export.export(net, (x,)), unwrap_unit_return_tuple=True)
     lib = tvm.compile(mod, resolve("x86")).jit()  # the LLVM code generation happens here
     build_s = time.perf_counter() - t
-    return {**_time_vm(lib, x, repeats), "build_s": build_s, "note": f"build {build_s:.0f} s"}
+    return {**_time_vm(lib, x, calls), "build_s": build_s, "note": f"build {build_s:.0f} s"}
 
 
-def tvm_fp32_tuned(model: str, repeats: int, trials: int = 0) -> dict:
+def tvm_fp32_tuned(model: str, calls: int, trials: int = 0) -> dict:
     """TVM fp32 tuned by MetaSchedule's own default space (XGBoost cost model) with the same
     number of trials as tvmq's database: what a TVM user gets with that tuning budget."""
     import torch
@@ -214,11 +229,11 @@ def tvm_fp32_tuned(model: str, repeats: int, trials: int = 0) -> dict:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         ex = tvm.compile(mod, target)
     tuning_s = time.perf_counter() - t
-    return {**_time_vm(ex.jit(), x, repeats), "tuning_s": tuning_s,
+    return {**_time_vm(ex.jit(), x, calls), "tuning_s": tuning_s,
             "note": f"{trials} trials, tuned {tuning_s / 60:.0f} min"}
 
 
-def tvmq_w8a8(model: str, repeats: int, db: str | None = None) -> dict:
+def tvmq_w8a8(model: str, calls: int, db: str | None = None) -> dict:
     """tvmq INT-SE W8A8, default schedules (or ``db``'s tuned ones): the CLI's path for a zoo
     model (``zoo_program`` then ``tvmq.build``), the library loaded back from ``model.so``."""
     import tvm
@@ -234,18 +249,18 @@ def tvmq_w8a8(model: str, repeats: int, db: str | None = None) -> dict:
         build_s = time.perf_counter() - t
         lib = tvm.runtime.load_module(str(art.path / "model.so"))
         mismatches = art.manifest["parity"]["mismatches"]
-        return {**_time_vm(lib, x, repeats), "build_s": build_s,
+        return {**_time_vm(lib, x, calls), "build_s": build_s,
                 "parity_mismatches": mismatches,
                 "note": f"build {build_s:.0f} s, parity {'ok' if not mismatches else 'MISMATCH'}"}
 
 
-def tvmq_w8a8_tuned(model: str, repeats: int, db: str | None = None) -> dict:
+def tvmq_w8a8_tuned(model: str, calls: int, db: str | None = None) -> dict:
     """tvmq W8A8 with the kernels of a MetaSchedule database (``python -m tvmq.tune``; by
     default the one shipped for this CPU, if any)."""
     db = db or _shipped_db(model)
     if not Path(db, "tvmq.json").exists():
         return {"unavailable": f"no tuning database {db}: python -m tvmq.tune {model} --db {db}"}
-    result = tvmq_w8a8(model, repeats, db)
+    result = tvmq_w8a8(model, calls, db)
     summary = Path(db, "last_tune.json")
     if summary.exists():  # the wall time of the tuning that made the database
         result["tuning_s"] = json.loads(summary.read_text())["seconds"]
@@ -269,6 +284,7 @@ def _tuning_trials(model: str, db: str | None) -> int:
 
 PEERS = {fn.__name__: fn for fn in (torch_fp32, torch_int8, tvm_fp32, tvm_fp32_tuned,
                                     tvmq_w8a8, tvmq_w8a8_tuned)}
+PEERS.update(_peers.PEERS)
 
 
 # ----------------------------------------------------------------------------- runner
@@ -277,7 +293,7 @@ def _spawn(peer: str, args) -> dict:
     env = {**os.environ, "TVM_NUM_THREADS": str(args.threads),
            "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "tvmq.bench", "--peer", peer, "--model", args.model,
-           "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--threads", str(args.threads), "--calls", str(args.calls),
            *(["--db", args.db] if args.db else []), "--trials", str(args.trials)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -289,6 +305,65 @@ def _spawn(peer: str, args) -> dict:
         tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         return {"error": tail}
     return json.loads(lines[-1])
+
+
+def _run_peer(peer: str, args, say=print) -> dict:
+    """One peer in its own process, on a machine that other processes leave alone.
+
+    The foreign load is measured for ``BUSY_WINDOW_S`` before the peer starts and, by the
+    peer itself, over its timed calls. Above ``args.busy_cores``: one line through ``say``,
+    a pause of ``args.busy_wait`` s, a rerun; after ``args.busy_tries`` busy attempts the
+    result is ``{"not_recorded": "machine busy", "busy": ...}``. With ``args.allow_busy`` the
+    first result is kept, marked with ``busy`` (and the table's warning).
+    """
+    threshold, tries = args.busy_cores, max(1, args.busy_tries)
+    busy = None
+    for attempt in range(1, tries + 1):
+        then = (f"rerunning in {args.busy_wait:g} s" if attempt < tries else
+                "giving up" if not args.allow_busy else "recording anyway (--allow-busy)")
+        pre = _peers.measure_load(args.busy_window)
+        if pre["cores"] > threshold and not args.allow_busy:
+            busy = {"before": pre, "during": None, "threshold": threshold, "attempts": attempt}
+            say(f"{LABELS[peer]}: {_peers.busy_line(pre, then)}")
+            if attempt < tries:
+                time.sleep(args.busy_wait)
+            continue
+        result = _spawn(peer, args)
+        if "median_ms" not in result:  # unavailable or failed: nothing to guard
+            return result
+        during = result.get("load", {"cores": 0.0, "top": []})
+        worst = max((pre, during), key=lambda d: d["cores"])
+        if worst["cores"] <= threshold:
+            return result
+        busy = {"before": pre, "during": during, "threshold": threshold, "attempts": attempt}
+        if args.allow_busy:
+            say(f"{LABELS[peer]}: {_peers.busy_line(worst, 'recorded anyway (--allow-busy)')}")
+            return {**result, "busy": busy}
+        say(f"{LABELS[peer]}: {_peers.busy_line(worst, then)}")
+        if attempt < tries:
+            time.sleep(args.busy_wait)
+    return {"not_recorded": "machine busy", "busy": busy}
+
+
+def _rounds(runs: list[dict]) -> dict:
+    """One peer's result over its rounds: the recorded round whose median is the median of
+    the rounds' (``rounds_ms``: every recorded round's median, in order). A round refused on
+    a busy machine is left out (``rounds_not_recorded``); with none recorded, the last."""
+    ok = [r for r in runs if "median_ms" in r]
+    if not ok:
+        return runs[-1]
+    if len(runs) == 1:
+        return ok[0]
+    mid = sorted(ok, key=lambda r: r["median_ms"])[(len(ok) - 1) // 2]
+    out = {**mid, "rounds_ms": [r["median_ms"] for r in ok]}
+    if len(ok) < len(runs):
+        out["rounds_not_recorded"] = len(runs) - len(ok)
+    if any("busy" in r for r in ok) and "busy" not in out:
+        out["busy"] = next(r["busy"] for r in ok if "busy" in r)
+    if len(ok) > 1:
+        out["note"] = (f"rounds {min(out['rounds_ms']):.2f}–{max(out['rounds_ms']):.2f}, "
+                       + out.get("note", ""))
+    return out
 
 
 def _machine(threads: int) -> dict:
@@ -344,6 +419,7 @@ def _plot(results: dict, title: str, path: Path) -> None:
 
 def _table(results: dict, ratios: dict, title: str):
     """The rich table: median, IQR, ratio to each baseline, note."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, caption="÷ fp32, ÷ int8: median over PyTorch fp32's, int8's")
@@ -353,13 +429,21 @@ def _table(results: dict, ratios: dict, title: str):
     table.add_column("note", min_width=14)
     for peer, r in results.items():
         if "median_ms" not in r:  # the reason is printed in full under the table
-            table.add_row(LABELS[peer], "-", "-", *("-" for _ in BASELINES),
-                          "[yellow]unavailable[/]" if "unavailable" in r else "[red]failed[/]")
+            note = ("[yellow]unavailable: " + escape(r["unavailable"].split(" (")[0]) + "[/]"
+                    if "unavailable" in r else
+                    f"[red]not recorded: {r['not_recorded']}[/]" if "not_recorded" in r
+                    else "[red]failed[/]")
+            table.add_row(LABELS[peer], "-", "-", *("-" for _ in BASELINES), note)
             continue
         cells = ["1.00×" if peer == b else f"{ratios[f'{peer}/{b}']:.2f}×"
                  if f"{peer}/{b}" in ratios else "-" for b in BASELINES]
+        note = r.get("note", "")
+        if "busy" in r:
+            worst = max((d for d in (r["busy"]["before"], r["busy"]["during"]) if d),
+                        key=lambda d: d["cores"])
+            note = f"[red]BUSY ({worst['cores']:.2f} foreign cores)[/] {escape(note)}"
         table.add_row(LABELS[peer], f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}", *cells,
-                      r.get("note", ""))
+                      note if "busy" in r else escape(note))
     return table
 
 
@@ -369,7 +453,24 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="resnet18", choices=["resnet18", "resnet20"],
                     help="resnet18 at 1x3x224x224 or resnet20 at 1x3x32x32 (random weights)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--calls", "--repeats", type=int, default=CALLS,
+                    help=f"timed single calls per peer, at least (default {CALLS}; more if"
+                         f" they last under {MIN_TIMED_S:g} s)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds, every peer once per round (round-robin), each in a fresh"
+                         " process; reported: the round with the median median")
+    ap.add_argument("--allow-busy", action="store_true",
+                    help="record peers timed while other processes load the machine (marked"
+                         " BUSY in the table and the JSON) instead of refusing them")
+    ap.add_argument("--busy-cores", type=float, default=_peers.BUSY_CORES,
+                    help="the machine is busy when other processes use more cores than this"
+                         f" (default {_peers.BUSY_CORES:g})")
+    ap.add_argument("--busy-tries", type=int, default=BUSY_TRIES,
+                    help="attempts per peer on a busy machine before it is not recorded")
+    ap.add_argument("--busy-wait", type=float, default=BUSY_WAIT_S,
+                    help="seconds to wait after the machine was found busy")
+    ap.add_argument("--busy-window", type=float, default=1.0,
+                    help="seconds over which the load is measured before each peer")
     ap.add_argument("--out", default="bench", help="directory for bench.json and bench.png")
     ap.add_argument("--skip", action="append", default=[], choices=list(PEERS),
                     help="a peer not to run (repeatable)")
@@ -389,14 +490,17 @@ def main(argv=None) -> int:
                     " estimated by llvm-mca (no Pi needed; labelled as an estimate)")
     ap.add_argument("--peer", choices=list(PEERS), help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
+    if args.calls < CALLS and not args.peer:
+        ap.error(f"--calls: at least {CALLS} (the median of fewer single calls is noise)")
     if args.peer:
         import torch
 
         torch.set_num_threads(args.threads)
         extra = ({"db": args.db} if args.peer.startswith("tvmq") else
                  {"trials": args.trials or _tuning_trials(args.model, args.db)}
-                 if args.peer == "tvm_fp32_tuned" else {})
-        print(RESULT + json.dumps(PEERS[args.peer](args.model, args.repeats, **extra)), flush=True)
+                 if args.peer == "tvm_fp32_tuned" else
+                 {"threads": args.threads} if args.peer in _peers.PEERS else {})
+        print(RESULT + json.dumps(PEERS[args.peer](args.model, args.calls, **extra)), flush=True)
         return 0
 
     from rich.console import Console
@@ -406,14 +510,22 @@ def main(argv=None) -> int:
     if args.kernels:
         return _kernels(args)
     peers = [p for p in PEERS if p not in args.skip and not args.layers_only]
-    results = {}
+    runs = {p: [] for p in peers}
     with progress() as bar:
-        task = bar.add_task(f"bench {args.model}", total=len(peers), info="")
-        for peer in peers:
-            bar.update(task, info=f"{LABELS[peer]} (own process)")
-            results[peer] = _spawn(peer, args)
-            bar.advance(task)
+        task = bar.add_task(f"bench {args.model}", total=len(peers) * args.rounds, info="")
+        for rnd in range(args.rounds):  # round-robin: a slow spell hits every peer alike
+            for peer in peers:
+                first = runs[peer][0] if runs[peer] else {}
+                if "unavailable" in first or "error" in first:  # once is enough
+                    bar.advance(task)
+                    continue
+                bar.update(task, info=f"{LABELS[peer]} (own process)"
+                           + (f", round {rnd + 1}/{args.rounds}" if args.rounds > 1 else ""))
+                runs[peer].append(_run_peer(peer, args, say=lambda m: bar.console.print(
+                    m, highlight=False, markup=False)))
+                bar.advance(task)
         bar.update(task, info="done")
+    results = {p: _rounds(rs) for p, rs in runs.items()}
 
     machine = _machine(args.threads)
     ratios = _ratios(results)
@@ -425,9 +537,18 @@ def main(argv=None) -> int:
     if results:
         console.print(_table(results, ratios, title))
         for p, r in results.items():
-            if "median_ms" not in r:
-                console.print(f"{LABELS[p]}: {r.get('unavailable') or r.get('error')}",
-                              highlight=False)
+            if "median_ms" not in r and "not_recorded" not in r:
+                console.print(f"{LABELS[p]}: unavailable: {r['unavailable']}" if "unavailable"
+                              in r else f"{LABELS[p]}: {r.get('error')}", highlight=False,
+                              markup=False)
+            elif "busy" in r or "not_recorded" in r:
+                b = r["busy"]
+                worst = max((d for d in (b["before"], b["during"]) if d),
+                            key=lambda d: d["cores"])
+                console.print(f"{LABELS[p]}: {_peers.busy_line(worst)}"
+                              + (" (recorded: --allow-busy)" if "median_ms" in r else
+                                 f" in {b['attempts']} attempts: not recorded"),
+                              highlight=False, markup=False)
         verdict = ("not measured" if value is None
                    else f"{value:.2f}× -> {'[green]PASS[/]' if passed else '[red]FAIL[/]'}")
         console.print(f"bar: {LABELS[peer]} <= {limit:g}× {LABELS[base]}: {verdict}")
@@ -435,8 +556,18 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "threads": args.threads, "machine": machine,
-              "timing": {"repeats": args.repeats, "min_repeat_ms": MIN_REPEAT_MS,
-                         "warmup": WARMUP, "statistic": "median, IQR of per-call ms"},
+              "timing": {"calls": args.calls, "min_timed_s": MIN_TIMED_S, "warmup": WARMUP,
+                         "rounds": args.rounds,
+                         "statistic": "median, IQR of single calls timed from Python",
+                         "calib_batches": CALIB_BATCHES},
+              "load_guard": {"busy_cores": args.busy_cores, "tries": args.busy_tries,
+                             "allow_busy": args.allow_busy,
+                             "busy_peers": [p for p, r in results.items() if "busy" in r],
+                             "warning": ("recorded on a busy machine: "
+                                         + ", ".join(p for p, r in results.items()
+                                                     if "busy" in r and "median_ms" in r))
+                             if any("busy" in r and "median_ms" in r
+                                    for r in results.values()) else None},
               "results": results, "ratios": ratios,
               "bar": {"what": f"{peer} <= {limit:g}x {base}", "ratio": value, "pass": passed}}
     if args.layers or args.layers_only:
@@ -449,9 +580,10 @@ def main(argv=None) -> int:
         console.print(bench_layers.table(report["layers"], f"{args.model}: slowest convolutions,"
                                          f" {args.threads} threads"))
     write_atomic(out / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2)))
-    if results:
+    plotted = any("median_ms" in r for r in results.values())
+    if plotted:
         _plot(results, title, out / "bench.png")
-    console.print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if results else ""))
+    console.print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else ""))
     return 0
 
 
