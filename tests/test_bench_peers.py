@@ -59,8 +59,8 @@ def test_busy_loop_is_foreign_load():
     foreign = peers.foreign_load(a, b, own=peers.own_pids() - {proc.pid}, top=1000)
     mine = {pid: cores for pid, _, cores in foreign["top"]}
     # generous: the spinner shares 2 cores with whatever else runs here
-    assert mine.get(proc.pid, 0) > 0.2, foreign
-    assert foreign["cores"] > 0.2
+    assert mine.get(proc.pid, 0) > 0.05, foreign
+    assert foreign["cores"] > 0.05
     assert foreign["cores"] > peers.BUSY_CORES
     own = peers.foreign_load(a, b, own=peers.own_pids() | {proc.pid}, top=1000)
     assert proc.pid not in {pid for pid, _, _ in own["top"]}
