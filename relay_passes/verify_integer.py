@@ -200,9 +200,21 @@ class _KernelChecker:
         if (isinstance(node, tvm.ir.expr.Call) and isinstance(node.op, tvm.ir.Op)
                 and node.op.name in _ROUNDING and len(node.args) == 1):
             return self.affine(node.args[0], visitor, leaf)
+        if (isinstance(node, tvm.ir.expr.Call) and isinstance(node.op, tvm.ir.Op)
+                and node.op.name in ("prim.if_then_else", "tirx.if_then_else")
+                and self.nan_test(node.args[0], visitor)):
+            # a quantize's NaN rule: if isnan(x) then a constant else the scaled x
+            return max(self.affine(node.args[1], visitor, leaf),
+                       self.affine(node.args[2], visitor, leaf))
         if leaf(node, visitor):
             return 1
         self.fail(node, "not part of the boundary quantize/dequantize")
+
+    def nan_test(self, node, visitor) -> bool:
+        """``isnan`` of one element of the model input (the boundary quantize's NaN rule)."""
+        return (isinstance(node, tvm.ir.expr.Call) and isinstance(node.op, tvm.ir.Op)
+                and node.op.name == "tirx.isnan" and bool(self.inputs)
+                and self.input_load(node.args[0], visitor))
 
     def input_load(self, node, visitor) -> bool:
         if isinstance(node, tvm.ir.expr.TensorLoad) and self.is_param(node.source, self.inputs):
@@ -233,9 +245,7 @@ class _KernelChecker:
                     visitor.visit(index)
                 return None
             return visitor.default_visit(node)
-        if (isinstance(node, tvm.ir.expr.Call) and isinstance(node.op, tvm.ir.Op)
-                and node.op.name == "tirx.isnan" and self.inputs
-                and self.input_load(node.args[0], visitor)):
+        if self.nan_test(node, visitor):
             return None  # the input quantize's NaN -> 0 rule: a test of one input element
         if (isinstance(node, _pe.Cast) and not _prim_float(node) and _prim_float(node.value)
                 and self.inputs):

@@ -16,7 +16,6 @@ Paper (ResNet-18, CIFAR-10): 8 bit −0.03 %, 6 bit −4.35 % vs float; 4 candid
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -28,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tvmq import convert, data, prepare, train, zoo  # noqa: E402
+from scheme_accuracy import run  # noqa: E402  same float model, same QAT loop
 from tvmq.default_model import HYPER  # noqa: E402
 
 VARIANTS = {
@@ -45,22 +44,6 @@ VARIANTS = {
 PAPER = {"float": "0 (FP32)", "ioiq:8 (4 candidates, pruning, incremental)": "-0.03 / -0.18",
          "ioiq:8 2 candidates": "≈ -0.3", "ioiq:8 1 candidate": "-0.43 (s only)",
          "ioiq:8 random order": "-0.37", "ioiq:6": "-4.35"}
-
-
-def run(seed: int, variants: dict, qat_epochs: int, quiet: bool) -> dict:
-    torch.manual_seed(seed)
-    model = zoo.digits_net()
-    train_loader, test_loader = data.loader("train", HYPER["batch_size"]), data.loader("test")
-    train(model, train_loader, HYPER["float_epochs"], HYPER["lr"], seed=seed, quiet=quiet,
-          description=f"float (seed {seed})")
-    out = {"float": data.accuracy(model.eval(), test_loader)}
-    for label, spec in variants.items():
-        torch.manual_seed(seed)
-        qat = prepare(copy.deepcopy(model), spec)
-        train(qat, train_loader, qat_epochs, HYPER["qat_lr"], seed=seed, quiet=quiet,
-              description=f"{spec} (seed {seed})")
-        out[label] = data.accuracy(convert(qat), test_loader)
-    return out
 
 
 def main(argv=None) -> int:

@@ -28,19 +28,21 @@ SCHEMES = ["int-se:8", "ternary", "combined-ternary:2", "combined-ternary:2,act_
            "combined-ternary:3", "combined-ternary:3,act_bits=4"]
 
 
-def run(seed: int, schemes: list[str], qat_epochs: int, quiet: bool) -> dict:
+def run(seed: int, schemes: "list[str] | dict[str, str]", qat_epochs: int, quiet: bool) -> dict:
+    """Float accuracy and each scheme's (``{label: spec}``, or specs labelled by themselves)."""
     torch.manual_seed(seed)
     model = zoo.digits_net()
     train_loader, test_loader = data.loader("train", HYPER["batch_size"]), data.loader("test")
     train(model, train_loader, HYPER["float_epochs"], HYPER["lr"], seed=seed, quiet=quiet,
           description=f"float (seed {seed})")
     out = {"float": data.accuracy(model.eval(), test_loader)}
-    for spec in schemes:
+    for label, spec in (schemes.items() if isinstance(schemes, dict)
+                        else ((s, s) for s in schemes)):
         torch.manual_seed(seed)
         qat = prepare(copy.deepcopy(model), spec)
         train(qat, train_loader, qat_epochs, HYPER["qat_lr"], seed=seed, quiet=quiet,
               description=f"{spec} (seed {seed})")
-        out[spec] = data.accuracy(convert(qat), test_loader)
+        out[label] = data.accuracy(convert(qat), test_loader)
     return out
 
 

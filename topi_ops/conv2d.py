@@ -117,11 +117,19 @@ def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, targ
 
 
 def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tensor | None = None,
-            *, weight_shape, params: Conv2dParams, target=None) -> te.Tensor:
+            *, weight_shape, params: Conv2dParams, target=None, epilogue=None,
+            pad: int = 0) -> te.Tensor:
     """data [N, C, H, W] int8, packed weight (see :func:`pack_conv2d`), bias [O] int32,
-    shift [O] int32 when ``params.out_shift`` is None -> [N, O, OH, OW] int8."""
+    shift [O] int32 when ``params.out_shift`` is None -> [N, O, OH, OW] int8.
+
+    ``epilogue(acc + bias, channel)``: another requantization of the int32 accumulator (e.g.
+    a fixed-point multiplier, ``topi_ops.fixed_point``); ``pad``: the integer the spatial
+    padding stands for (an affine input's zero point; 0 for tvmq's own tensors)."""
+    if epilogue is None:
+        def epilogue(value, channel):
+            return _requantize(value, channel, params, shift)
     if params.groups != 1:
-        return _qconv2d_grouped(data, weight, bias, shift, weight_shape, params)
+        return _qconv2d_grouped(data, weight, bias, weight_shape, params, epilogue, pad)
     n, c, h, w = (int(v) for v in data.shape)
     o, _, kh, kw = weight_shape
     ob, cg, block, group = (int(weight.shape[i]) for i in (0, 3, 4, 5))
@@ -138,7 +146,7 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tenso
         inside = tirx.all(ch < c, y >= pt, y < pt + h, x >= pl, x < pl + w)
         value = data[b, tirx.min(ch, c - 1), y - pt, x - pl].astype("int16") + offset
         # padded channels have zero weights: any value works; keep them like padding
-        return tirx.if_then_else(inside, value.astype(dtype), tirx.const(offset, dtype))
+        return tirx.if_then_else(inside, value.astype(dtype), tirx.const(offset + pad, dtype))
 
     packed = te.compute((n, h + pt + pb, w + pl + pr, cg, group), pack,
                         name="tvmq_conv_data_pack")
@@ -152,16 +160,16 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tenso
         name="tvmq_conv_acc", attrs={"schedule_rule": "tvmq_qconv2d_pairs"})
     blocked = te.compute(
         acc.shape,
-        lambda b, o_b, y, x, oi: _requantize(
+        lambda b, o_b, y, x, oi: epilogue(
             acc[b, o_b, y, x, oi] + bias[tirx.min(o_b * block + oi, o - 1)],
-            tirx.min(o_b * block + oi, o - 1), params, shift),
+            tirx.min(o_b * block + oi, o - 1)),
         name="tvmq_conv_requant")
     return te.compute((n, o, oh, ow),
                       lambda b, oc, y, x: blocked[b, oc // block, y, x, oc % block],
                       name="tvmq_conv_unpack")
 
 
-def _qconv2d_grouped(data, weight, bias, shift, weight_shape, params):
+def _qconv2d_grouped(data, weight, bias, weight_shape, params, epilogue, pad):
     n, c, h, w = (int(v) for v in data.shape)
     o, cg, kh, kw = weight_shape
     og = o // params.groups
@@ -172,7 +180,7 @@ def _qconv2d_grouped(data, weight, bias, shift, weight_shape, params):
         (n, c, h + pt + pb, w + pl + pr),
         lambda b, ch, y, x: tirx.if_then_else(
             tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w),
-            data[b, ch, y - pt, x - pl], tirx.const(0, "int8")),
+            data[b, ch, y - pt, x - pl], tirx.const(pad, "int8")),
         name="tvmq_conv_pad")
     rc, ry, rx = te.reduce_axis((0, cg), "rc"), te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
     acc = te.compute(
@@ -181,6 +189,5 @@ def _qconv2d_grouped(data, weight, bias, shift, weight_shape, params):
             padded[b, (oc // og) * cg + rc, y * sh + ry * dh, x * sw + rx * dw].astype("int32")
             * weight[oc, rc, ry, rx].astype("int32"), axis=[rc, ry, rx]),
         name="tvmq_conv_grouped_acc")
-    return te.compute(acc.shape, lambda b, oc, y, x: _requantize(
-        acc[b, oc, y, x] + bias[oc], oc, params, shift),
-        name="tvmq_conv_grouped_requant")
+    return te.compute(acc.shape, lambda b, oc, y, x: epilogue(acc[b, oc, y, x] + bias[oc], oc),
+                      name="tvmq_conv_grouped_requant")

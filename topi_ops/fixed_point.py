@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-from topi_ops.conv2d import U8_OFFSET, data_layout, output_hw
+from topi_ops.conv2d import qconv2d
 from topi_ops.requantize import clamp, round_shift
 
 
@@ -61,71 +61,11 @@ def qconv2d_affine(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, mult: te
                    target=None) -> te.Tensor:
     """data [N, C, H, W] int8; weight packed by ``topi_ops.conv2d.pack_conv2d`` (OIHW for
     grouped convs); bias [O] int32 with ``x_zp * Σw`` already taken out; mult, shift [O]
-    int32 -> [N, O, OH, OW] int8."""
-    if params.groups != 1:
-        return _grouped(data, weight, bias, mult, shift, weight_shape, params)
-    n, c, h, w = (int(v) for v in data.shape)
-    o, _, kh, kw = weight_shape
-    ob, cg, block, group = (int(weight.shape[i]) for i in (0, 3, 4, 5))
-    pt, pl, pb, pr = params.padding
-    (sh, sw), (dh, dw) = params.strides, params.dilation
-    oh, ow = output_hw((h, w), (kh, kw), params)
-    dtype = data_layout(weight.shape, target).data
-    offset = U8_OFFSET if dtype == "uint8" else 0
-    pad_value = params.x_zp + offset
-
-    def pack(b, y, x, cc, j):
-        ch = cc * group + j
-        inside = tirx.all(ch < c, y >= pt, y < pt + h, x >= pl, x < pl + w)
-        value = data[b, tirx.min(ch, c - 1), y - pt, x - pl].astype("int16") + offset
-        # spatial padding is the zero point; padded channels have zero weights
-        return tirx.if_then_else(inside, value.astype(dtype), tirx.const(pad_value, dtype))
-
-    packed = te.compute((n, h + pt + pb, w + pl + pr, cg, group), pack,
-                        name="tvmq_conv_data_pack")
-    rc, ry, rx, rj = (te.reduce_axis((0, cg), "rc"), te.reduce_axis((0, kh), "ry"),
-                      te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, group), "rj"))
-    acc = te.compute(
-        (n, ob, oh, ow, block),
-        lambda b, o_b, y, x, oi: te.sum(
-            packed[b, y * sh + ry * dh, x * sw + rx * dw, rc, rj].astype("int32")
-            * weight[o_b, ry, rx, rc, oi, rj].astype("int32"), axis=[ry, rx, rc, rj]),
-        name="tvmq_conv_acc", attrs={"schedule_rule": "tvmq_qconv2d_pairs"})
-
-    def requant(b, o_b, y, x, oi):
-        ch = tirx.min(o_b * block + oi, o - 1)
-        return _epilogue(acc[b, o_b, y, x, oi] + bias[ch], ch, mult, shift, params)
-
-    blocked = te.compute(acc.shape, requant, name="tvmq_conv_requant")
-    return te.compute((n, o, oh, ow),
-                      lambda b, oc, y, x: blocked[b, oc // block, y, x, oc % block],
-                      name="tvmq_conv_unpack")
-
-
-def _grouped(data, weight, bias, mult, shift, weight_shape, params):
-    n, c, h, w = (int(v) for v in data.shape)
-    o, cg, kh, kw = weight_shape
-    og = o // params.groups
-    pt, pl, pb, pr = params.padding
-    (sh, sw), (dh, dw) = params.strides, params.dilation
-    oh, ow = output_hw((h, w), (kh, kw), params)
-    padded = te.compute(
-        (n, c, h + pt + pb, w + pl + pr),
-        lambda b, ch, y, x: tirx.if_then_else(
-            tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w),
-            data[b, ch, y - pt, x - pl], tirx.const(params.x_zp, "int8")),
-        name="tvmq_conv_pad")
-    rc, ry, rx = (te.reduce_axis((0, cg), "rc"), te.reduce_axis((0, kh), "ry"),
-                  te.reduce_axis((0, kw), "rx"))
-    acc = te.compute(
-        (n, o, oh, ow),
-        lambda b, oc, y, x: te.sum(
-            padded[b, (oc // og) * cg + rc, y * sh + ry * dh, x * sw + rx * dw].astype("int32")
-            * weight[oc, rc, ry, rx].astype("int32"), axis=[rc, ry, rx]),
-        name="tvmq_conv_grouped_acc")
-    return te.compute(acc.shape, lambda b, oc, y, x: _epilogue(
-        acc[b, oc, y, x] + bias[oc], oc, mult, shift, params),
-        name="tvmq_conv_grouped_requant")
+    int32 -> [N, O, OH, OW] int8. tvmq's int8 conv (same blocks, same schedule and tuning)
+    with the padding at the input's zero point and the fixed-point epilogue."""
+    return qconv2d(data, weight, bias, weight_shape=weight_shape, params=params, target=target,
+                   epilogue=lambda value, ch: _epilogue(value, ch, mult, shift, params),
+                   pad=params.x_zp)
 
 
 def qdense_affine(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, mult: te.Tensor,
