@@ -148,8 +148,6 @@ def validate_args(args) -> None:
             from tvmq.artifact import load_program
 
             load_program(path)  # "is a directory" (and what it is)
-    if args.data is not None and not Path(args.data).exists():
-        raise data.DatasetError(f"--data {args.data!r}: no such file or directory")
     name = "digits" if args.model is None else args.model if args.model in zoo.ZOO else None
     if args.out is not None:
         check_out(Path(args.out))
