@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -50,11 +51,14 @@ def _value_range(q, nonneg: bool) -> tuple[int, int]:
 
 def _convert_weighted(name: str, m: _QWeighted) -> nn.Module:
     (q_in,) = m.input_quant
+    with torch.no_grad():  # the weights first: a bad weight explains a bad output exponent
+        w, b = m.folded()
+        iw = m.weight_quant.integer(w, f"layer {name!r}")
     in_lo, in_hi = _value_range(q_in, m.input_nonneg[0] if m.input_nonneg else False)
     out_lo, out_hi = _value_range(m.out_quant, m.relu)
     io = LayerIO(name, check_exponent(q_in.exponent, f"layer {name!r} input"), in_lo, in_hi,
                  check_exponent(m.out_quant.exponent, f"layer {name!r} output"), out_lo, out_hi)
-    return m.scheme.weight.scheme.integer_layer(m, io, m.scheme.weight)
+    return m.scheme.weight.scheme.integer_layer(m, io, m.scheme.weight, iw, b)
 
 
 def _convert_module(name: str, m: nn.Module) -> nn.Module:

@@ -125,6 +125,12 @@ class Scheme:
         forward; ``s_in`` is the input's exponent in this forward. Default: unchanged."""
         return bias
 
+    def integer_layer(self, m, io, cfg: SchemeConfig, iw, bias) -> nn.Module:
+        """The deploy module of the QAT conv/linear ``m``: ``io`` holds its input/output
+        exponents and integer ranges, ``iw`` the integer form of its weights (from its weight
+        quantizer), ``bias`` its float bias with batch norm folded in."""
+        raise NotImplementedError
+
     def describe(self, cfg: SchemeConfig) -> str:
         """One line for the build report."""
         return cfg.spec

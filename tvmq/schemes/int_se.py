@@ -72,12 +72,11 @@ class IntSE(Scheme):
         s_b = bias_exponent(bias, s_in + weight_quant.last_exponent, cfg)
         return fake_quantize(bias, s_b, cfg.bias_bits)
 
-    def integer_layer(self, m, io, cfg: IntSEConfig):
-        """``m``: the QAT conv/linear; ``io``: its input/output exponents and ranges."""
+    def integer_layer(self, m, io, cfg: IntSEConfig, iw, b):
+        """``m``: the QAT conv/linear; ``io``: its input/output exponents and ranges;
+        ``iw``: its weights' integer form; ``b``: its float bias (BN folded)."""
         where = f"layer {io.name!r}"
         with torch.no_grad():
-            w, b = m.folded()
-            iw = m.weight_quant.integer(w, where)
             s_w = int(iw.exponent[0])
             s_t = io.s_in + s_w  # exponent of the accumulator
             check_finite(b, f"{where} bias")

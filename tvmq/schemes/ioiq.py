@@ -168,9 +168,9 @@ class IOIQ(IntSE):
     def act_quantizer(self, cfg: IOIQConfig, nonneg: bool):
         return IntSEQuantizer(cfg.bits, candidates=cfg.candidates)
 
-    def integer_layer(self, m, io, cfg: IOIQConfig):
+    def integer_layer(self, m, io, cfg: IOIQConfig, iw, b):
         # the mask check (PartiallyQuantizedError) happens in weight_quant.integer
-        return super().integer_layer(m, io, cfg)
+        return super().integer_layer(m, io, cfg, iw, b)
 
     def describe(self, cfg: IOIQConfig) -> str:
         stages = "/".join(f"{100 * f:g}" for f in parse_stages(cfg.stages))

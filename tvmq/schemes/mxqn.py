@@ -446,17 +446,15 @@ class MXQN(IntSE):
     def act_quantizer(self, cfg: MXQNConfig, nonneg: bool):
         return MXQNQuantizer(cfg.bits, cfg.base)
 
-    def integer_layer(self, m, io, cfg: MXQNConfig):
+    def integer_layer(self, m, io, cfg: MXQNConfig, iw, b):
         from tvmq.integer import Geometry
         q_in, q_out = m.input_quant[0], m.out_quant
         in_log = isinstance(q_in, MXQNQuantizer) and q_in.is_log
         out_log = isinstance(q_out, MXQNQuantizer) and q_out.is_log
         if not (in_log or out_log):
-            return super().integer_layer(m, io, cfg)
+            return super().integer_layer(m, io, cfg, iw, b)
         where = f"layer {io.name!r}"
         with torch.no_grad():
-            w, b = m.folded()
-            iw = m.weight_quant.integer(w, where)
             s_t = io.s_in + int(iw.exponent[0])
             check_finite(b, f"{where} bias")
             s_b = bias_exponent(b, s_t, cfg)

@@ -374,11 +374,7 @@ class Pot(Scheme):
         step = 2.0 ** (s_in + fit.e_low)
         return bias + (torch.floor(bias / step + 0.5) * step - bias).detach()
 
-    def integer_layer(self, m, io, cfg):
-        where = f"layer {io.name!r}"
-        with torch.no_grad():
-            w, b = m.folded()
-            iw = m.weight_quant.integer(w, where)
+    def integer_layer(self, m, io, cfg, iw, b):
         bias, shift = per_channel_requant(io.name, iw, b, io.s_in, io.s_out, io.in_max)
         if not hasattr(m, "groups"):
             return IntLinearPerChannel(iw.weight, bias, shift, io.out_lo, io.out_hi)

@@ -114,9 +114,11 @@ std::string JsonString(const std::string& s) {
 
 /*! \brief The path of a client-supplied file name inside the session directory. Only plain
  * relative names are accepted: an absolute path or a ".." component would reach files outside
- * the session (other sessions', the board's own). */
+ * the session (other sessions', the board's own). The empty name is the session directory
+ * itself, as in TVM's own server (MetaSchedule's runner cleans up with remove("")). */
 std::string SessionPath(const std::string& name) {
-  bool bad = name.empty() || name[0] == '/' || name.find('\0') != std::string::npos;
+  if (name.empty()) return g_work_dir;
+  bool bad = name[0] == '/' || name.find('\0') != std::string::npos;
   std::istringstream parts(name);
   for (std::string part; !bad && std::getline(parts, part, '/');) bad = part == "..";
   if (bad) {
