@@ -70,6 +70,17 @@ def _conv_i32(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, group
     return acc.round().to(I32)
 
 
+def conv_output(x: torch.Tensor, out_channels: int, kernel, stride, padding, dilation
+                ) -> torch.Tensor:
+    """The int8 NCHW output a conv op's fake kernel returns (``padding`` top, left, bottom,
+    right): one shape rule for every scheme's conv op."""
+    n, _, h, w = x.shape
+    (kh, kw) = kernel
+    oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((n, out_channels, oh, ow), dtype=torch.int8)
+
+
 # ----------------------------------------------------------------------------- boundary
 @torch.library.custom_op("tvmq::quantize", mutates_args=())
 def quantize(x: torch.Tensor, exponent: int, bits: int) -> torch.Tensor:
@@ -115,11 +126,7 @@ def qconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: l
 
 @qconv2d.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, bias_shift, out_shift, relu, bits):
-    n, _, h, w = x.shape
-    o, _, kh, kw = weight.shape
-    oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_empty((n, o, oh, ow), dtype=torch.int8)
+    return conv_output(x, weight.shape[0], weight.shape[-2:], stride, padding, dilation)
 
 
 @torch.library.custom_op("tvmq::qlinear", mutates_args=())
@@ -154,11 +161,7 @@ def qconv2d_pc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shift:
 
 @qconv2d_pc.register_fake
 def _(x, weight, bias, shift, stride, padding, dilation, groups, lo, hi):
-    n, _, h, w = x.shape
-    o, _, kh, kw = weight.shape
-    oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_empty((n, o, oh, ow), dtype=torch.int8)
+    return conv_output(x, weight.shape[0], weight.shape[-2:], stride, padding, dilation)
 
 
 @torch.library.custom_op("tvmq::qlinear_pc", mutates_args=())

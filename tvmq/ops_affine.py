@@ -28,6 +28,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  PT2E's ops: .pt2 file
 import torch.nn.functional as F
 from tvm import relax
 
+from tvmq import ops
 from tvmq.bodies import register_body
 
 I32, I64 = torch.int32, torch.int64
@@ -137,11 +138,7 @@ def qconv2d_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 @qconv2d_affine.register_fake
 def _(x, weight, bias, mult, shift, stride, padding, dilation, groups, x_zp, out_zp, lo, hi):
-    n, _, h, w = x.shape
-    o, _, kh, kw = weight.shape
-    oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_empty((n, o, oh, ow), dtype=torch.int8)
+    return ops.conv_output(x, weight.shape[0], weight.shape[-2:], stride, padding, dilation)
 
 
 @torch.library.custom_op("tvmq::qlinear_affine", mutates_args=())

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tvmq import bodies
+from tvmq import bodies, ops
 from tvmq.integer import INT32_MAX, check_accumulator, shift_in_range
 from tvmq.quantizers import (IntSEQuantizer, IntSEWeightQuantizer,
                              check_finite, covering_exponent, fake_quantize, round_half_up)
@@ -372,11 +372,7 @@ def mx_qconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, table:
 @mx_qconv2d.register_fake
 def _(x, weight, bias, table, thresholds, stride, padding, dilation, groups, bias_shift,
       out_shift, in_log, out_log, lo, hi):
-    n, _, h, w = x.shape
-    o, _, kh, kw = weight.shape
-    oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_empty((n, o, oh, ow), dtype=torch.int8)
+    return ops.conv_output(x, weight.shape[0], weight.shape[-2:], stride, padding, dilation)
 
 
 @torch.library.custom_op("tvmq::mx_qlinear", mutates_args=())

@@ -240,11 +240,7 @@ def pot_conv2d(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, shift: 
 
 @pot_conv2d.register_fake
 def _(x, codes, bias, shift, stride, padding, dilation, groups, lo, hi):
-    n, _, h, w = x.shape
-    o, _, kh, kw = codes.shape
-    oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_empty((n, o, oh, ow), dtype=torch.int8)
+    return ops.conv_output(x, codes.shape[0], codes.shape[-2:], stride, padding, dilation)
 
 
 @bodies.register_body("pot_conv2d")

@@ -235,11 +235,7 @@ def ternary_conv2d(x: torch.Tensor, terms: torch.Tensor, term_shift: torch.Tenso
 
 @ternary_conv2d.register_fake
 def _(x, terms, term_shift, bias, shift, stride, padding, dilation, groups, lo, hi, in_bits):
-    n, _, h, w = x.shape
-    _, o, _, kh, kw = terms.shape
-    oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_empty((n, o, oh, ow), dtype=torch.int8)
+    return ops.conv_output(x, terms.shape[1], terms.shape[-2:], stride, padding, dilation)
 
 
 @bodies.register_body("ternary_conv2d")
