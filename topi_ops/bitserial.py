@@ -49,6 +49,7 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
+from topi_ops.conv2d import output_hw  # the same geometry fields: one output-size rule
 from topi_ops.requantize import clamp, round_shift
 
 @dataclass(frozen=True)
@@ -125,14 +126,6 @@ def plane_sum(load_a, load_mask, abits: int, dtype: str):
         term = ones if p == 0 else ones << tirx.const(p, dtype)
         value = term if value is None else value + term
     return value
-
-
-def output_hw(hw, kernel, params: BitserialParams) -> tuple[int, int]:
-    (h, w), (kh, kw) = hw, kernel
-    pt, pl, pb, pr = params.padding
-    (sh, sw), (dh, dw) = params.strides, params.dilation
-    return ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1,
-            (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
 
 
 def _check_terms(terms: np.ndarray, term_shift: np.ndarray, bias, out_shift) -> None:
