@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from tvm import te, tirx
 
 from topi_ops.conv2d import qconv2d
+from topi_ops.pool import window_sum
 from topi_ops.requantize import clamp, round_shift
 
 
@@ -129,15 +130,7 @@ def requantize_affine(data: te.Tensor, x_zp: int, mult: int, shift: int, out_zp:
 
 def qavg_pool2d_affine(data: te.Tensor, kernel, stride, x_zp: int, mult: int, shift: int,
                        out_zp: int, lo: int, hi: int) -> te.Tensor:
-    n, c, h, w = (int(v) for v in data.shape)
-    oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
-    ry, rx = te.reduce_axis((0, kernel[0]), "ry"), te.reduce_axis((0, kernel[1]), "rx")
-    total = te.compute(
-        (n, c, oh, ow),
-        lambda b, ch, y, x: te.sum(
-            data[b, ch, y * stride[0] + ry, x * stride[1] + rx].astype("int32")
-            - tirx.const(x_zp, "int32"), axis=[ry, rx]),
-        name="tvmq_avg_pool_sum", tag="tvmq_pool")
+    total = window_sum(data, kernel, stride, x_zp)
     return te.compute(total.shape, lambda *i: _finish(fixed_point(total(*i), mult, shift),
                                                       out_zp, lo, hi),
                       name="tvmq_qavg_pool2d_affine", tag="elemwise")

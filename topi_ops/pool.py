@@ -32,17 +32,24 @@ def qmax_pool2d(data: te.Tensor, kernel, stride, padding) -> te.Tensor:
         name="tvmq_qmax_pool2d", tag="tvmq_pool")
 
 
-def qavg_pool2d(data: te.Tensor, kernel, stride, bits: int) -> te.Tensor:
-    """data [N, C, H, W] int8, no padding; output at the input's exponent."""
-    mult, shift = avg_pool_multiplier(kernel[0] * kernel[1])
+def window_sum(data: te.Tensor, kernel, stride, zero_point: int = 0) -> te.Tensor:
+    """int32 sum of ``data - zero_point`` over each pooling window (no padding)."""
     n, c, h, w = (int(v) for v in data.shape)
     oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
     ry, rx = te.reduce_axis((0, kernel[0]), "ry"), te.reduce_axis((0, kernel[1]), "rx")
-    total = te.compute(
-        (n, c, oh, ow),
-        lambda b, ch, y, x: te.sum(
-            data[b, ch, y * stride[0] + ry, x * stride[1] + rx].astype("int32"), axis=[ry, rx]),
-        name="tvmq_avg_pool_sum", tag="tvmq_pool")
+
+    def element(b, ch, y, x):
+        v = data[b, ch, y * stride[0] + ry, x * stride[1] + rx].astype("int32")
+        return v - tirx.const(zero_point, "int32") if zero_point else v
+
+    return te.compute((n, c, oh, ow), lambda b, ch, y, x: te.sum(element(b, ch, y, x), axis=[ry, rx]),
+                      name="tvmq_avg_pool_sum", tag="tvmq_pool")
+
+
+def qavg_pool2d(data: te.Tensor, kernel, stride, bits: int) -> te.Tensor:
+    """data [N, C, H, W] int8, no padding; output at the input's exponent."""
+    mult, shift = avg_pool_multiplier(kernel[0] * kernel[1])
+    total = window_sum(data, kernel, stride)
     return te.compute(
         total.shape,
         lambda *i: saturate(round_shift(total(*i) * tirx.const(mult, "int32"), shift),

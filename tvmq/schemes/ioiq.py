@@ -160,7 +160,6 @@ class IOIQWeightQuantizer(IntSEWeightQuantizer):
 class IOIQ(IntSE):
     name = "ioiq"
     config = IOIQConfig
-    lowerings = ("int8",)
 
     def weight_quantizer(self, cfg: IOIQConfig):
         return IOIQWeightQuantizer(cfg.bits, cfg.candidates, cfg.order, parse_stages(cfg.stages))
