@@ -2,8 +2,9 @@
 same layer, and the fraction of this CPU's peak int8 multiply-accumulate rate each reaches.
 
 Used by ``python -m tvmq.bench --layers``. Each side runs in its own process (PyTorch's and
-TVM's thread pools both spin). The peak is measured, not looked up: a loop of independent
-``vpdpbusd`` (AVX-512 VNNI) or ``vpmaddwd`` (AVX2) on registers, on every thread.
+TVM's thread pools both spin). The peak (``tvmq.peak``) is measured, not looked up: a loop of
+independent ``vpdpbusd`` (AVX-512 VNNI) or ``vpmaddwd`` (AVX2) chains on registers, on every
+thread, its assembly checked, cross-checked by llvm-mca's throughput at the measured clock.
 """
 from __future__ import annotations
 
@@ -118,51 +119,16 @@ def _once(conv, x) -> float:
     return time.perf_counter() - t
 
 
-def peak_gmacs(threads: int) -> dict:
-    """This CPU's int8 multiply-accumulate peak, measured: 12 independent accumulators per
-    thread, each step one ``vpdpbusd`` zmm (64 MACs) on AVX-512 VNNI, else one ``vpmaddwd``
-    ymm (16 MACs) + add on AVX2."""
-    import numpy as np
-    import tvm
-    from tvm.script import tirx as T
+def peak_gmacs(threads: int, target=None) -> dict:
+    """This CPU's int8 multiply-accumulate peak on ``threads`` threads (``tvmq.peak``): the
+    larger of a measured loop of independent multiply-add chains and threads x measured
+    clock x llvm-mca's instructions per cycle x MACs per instruction (the measured rate
+    alone when llvm-mca has no model of this CPU). Keys: ``gmacs`` (the peak), ``threads``,
+    ``instruction``, ``measured_gmacs``, ``estimated_gmacs``, ``clock_ghz``, ``ipc``,
+    ``method``."""
+    from tvmq.peak import peak_gmacs as peak
 
-    from schedules.targets import has_feature, resolve
-
-    target = resolve("x86")
-    vnni = has_feature(target, "avx512vnni")
-    lanes, ab, intrin, macs = ((16, "int8x64", "llvm.x86.avx512.vpdpbusd.512", 64) if vnni
-                               else (8, "int16x16", "llvm.x86.avx2.pmadd.wd", 16))
-    acc_n, iters = 12, 20000
-
-    @T.prim_func(s_tir=True)
-    def peak(A: T.Buffer((32,), "int32"), C: T.Buffer((threads, acc_n, lanes), "int32")):
-        T.func_attr({"global_symbol": "peak", "tirx.noalias": True})
-        for core in T.parallel(threads):
-            acc = T.alloc_buffer((acc_n * lanes,), "int32", scope="local")
-            for j in T.unroll(acc_n):
-                acc[T.ramp(j * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-            a = T.reinterpret(A.vload([0], f"int32x{lanes}"), dtype=ab)
-            b = T.reinterpret(A.vload([16], f"int32x{lanes}"), dtype=ab)
-            for _it in T.serial(iters):
-                for j in T.unroll(acc_n):
-                    if vnni:
-                        acc[T.ramp(j * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
-                            T.llvm_lookup_intrinsic_id(intrin), acc[T.ramp(j * lanes, 1, lanes)],
-                            a, b, dtype=f"int32x{lanes}")
-                    else:
-                        acc[T.ramp(j * lanes, 1, lanes)] = acc[T.ramp(j * lanes, 1, lanes)] + \
-                            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(intrin), a, b,
-                                                    dtype=f"int32x{lanes}")
-            for j in T.unroll(acc_n):
-                for lane in T.vectorized(lanes):
-                    C[core, j, lane] = acc[j * lanes + lane]
-
-    lib = tvm.compile(peak, target=target).jit()
-    a = tvm.runtime.tensor(np.arange(32, dtype=np.int32))
-    c = tvm.runtime.tensor(np.zeros((threads, acc_n, lanes), np.int32))
-    seconds = lib.time_evaluator("peak", tvm.cpu(), number=5, repeat=5)(a, c).median
-    return {"gmacs": threads * iters * acc_n * macs / seconds / 1e9, "threads": threads,
-            "instruction": "vpdpbusd zmm" if vnni else "vpmaddwd ymm + vpaddd"}
+    return peak(threads, target)
 
 
 def measure(model: str, threads: int, repeats: int, db: str | None, top: int = 10,
@@ -194,12 +160,27 @@ def _spawn(side, model, threads, repeats, db, timeout):
     return json.loads(lines[-1])
 
 
+def peak_caption(peak: dict) -> str:
+    """How the peak the % columns divide by was derived, in one caption."""
+    head = (f"peak: {peak['gmacs']:.0f} GMAC/s int8 ({peak['instruction']}, "
+            f"{peak['threads']} thread(s)) = ")
+    if "estimated_gmacs" not in peak:  # a result saved before the estimate existed
+        return head + "measured; % = share of that peak"
+    measured = f"measured {peak['measured_gmacs']:.0f}"
+    estimated = (f"llvm-mca {peak['mca_model']} {peak['ipc']:.2f} instr/cycle x "
+                 f"{peak['clock_ghz']:.2f} GHz measured clock = {peak['estimated_gmacs']:.0f}")
+    if peak["mca_model"] == peak.get("mcpu"):
+        how = f"max({measured}, {estimated})"
+    else:
+        how = f"{measured} (llvm-mca knows no {peak.get('mcpu')}; {estimated}, not used)"
+    return head + how + "; % = share of that peak"
+
+
 def table(result: dict, title: str):
     from rich.table import Table
 
     peak = result["peak"]
-    t = Table(title=title, caption=f"peak: {peak['gmacs']:.0f} GMAC/s measured ({peak['instruction']},"
-                                   f" {peak['threads']} threads); % = share of that peak")
+    t = Table(title=title, caption=peak_caption(peak))
     for col in ("layer (N,C,H,W) -> O, k, stride", "×", "GMAC", "tvmq ms", "PyTorch int8 ms",
                 "tvmq ÷ PyTorch", "tvmq % peak", "PyTorch % peak"):
         t.add_column(col, justify="left" if col.startswith("layer") else "right")
