@@ -24,3 +24,86 @@ def test_sides_and_peak_measure_something():
                      torch_peak_fraction=0.5)
     table = bench_layers.table({"peak": peak, "layers": layers}, "resnet20")
     assert table.row_count == 2
+
+
+# ----------------------------------------------------------------------------- the peak
+import pytest  # noqa: E402
+import tvm  # noqa: E402
+
+from tvmq import peak as peak_mod  # noqa: E402
+
+HOST = tvm.target.codegen.llvm_get_system_cpu()
+AVX2_ONLY = {"kind": "llvm", "mcpu": "znver3"}  # AVX2, no AVX-512: runs on any AVX2 host
+TARGETS = [pytest.param(None, id=f"host-{HOST}"), pytest.param(AVX2_ONLY, id="avx2-znver3")]
+
+
+def _asm(target, accumulators=None, threads=1):
+    target = peak_mod.resolve_target(target)
+    ins = peak_mod.mac_instruction(target)
+    n = accumulators or peak_mod.default_accumulators(ins)
+    lib = tvm.compile(peak_mod.peak_func(target, threads, n, 1000), target=target)
+    return ins, n, lib.mod.inspect_source("s")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_peak_hot_loop_holds_the_multiply_adds(target):
+    """The loop timed is the multiply-add loop: accumulators x unroll instructions per pass
+    on registers (hot_loop raises on spills, hoisting or anything but loop control)."""
+    ins, n, asm = _asm(target)
+    loop = peak_mod.hot_loop(asm, ins)
+    assert loop["unroll"] is not None and loop["unroll"] >= 1
+    assert loop["mac_instructions"] == n * loop["unroll"]
+    mnemonics = [b.split()[0] for b in loop["instructions"]]
+    assert mnemonics.count(ins.mnemonic) == n * loop["unroll"]
+    assert mnemonics.count("vpaddd") == (n * loop["unroll"] if ins.add else 0)
+    register = "%zmm" if ins.lanes == 16 else "%ymm"
+    assert all(register in b for b in loop["instructions"] if b.startswith(ins.mnemonic))
+
+
+def test_avx2_target_uses_vpmaddwd_and_host_the_widest():
+    assert peak_mod.mac_instruction(peak_mod.resolve_target(AVX2_ONLY)).macs == 16
+    host = peak_mod.mac_instruction(peak_mod.resolve_target(None))
+    vnni = bool(tvm.target.codegen.llvm_cpu_has_features("avx512vnni",
+                                                         peak_mod.resolve_target(None)))
+    assert (host.mnemonic, host.macs) == (("vpdpbusd", 64) if vnni else ("vpmaddwd", 16))
+
+
+def test_hot_loop_rejects_a_hoisted_multiply():
+    """The old AVX2 loop (loop-invariant operands): LLVM left only vpaddd in the loop."""
+    hoisted = ("\tvpmaddwd\t%ymm1, %ymm0, %ymm12\n.LBB0_7:\n"
+               + "".join(f"\tvpaddd\t%ymm{i}, %ymm12, %ymm{i}\n" for i in range(12))
+               + "\taddl\t$-1, %ecx\n\tjne\t.LBB0_7\n")
+    with pytest.raises(peak_mod.PeakError):
+        peak_mod.hot_loop(hoisted, peak_mod.VPMADDWD_YMM)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_peak_result_is_consistent_and_physically_possible(target):
+    threads = 2
+    r = peak_mod.peak_gmacs(threads, target, iters=200_000, repeat=3)
+    ins = peak_mod.mac_instruction(peak_mod.resolve_target(target))
+    assert r["threads"] == threads and r["instruction"] == ins.name
+    assert r["macs_per_instruction"] == ins.macs
+    assert r["gmacs"] >= r["measured_gmacs"] >= r["measured_all_threads_gmacs"] > 0
+    if r["mca_model"] == r["mcpu"]:
+        assert r["gmacs"] == max(r["measured_gmacs"], r["estimated_gmacs"])
+    assert r["estimated_gmacs"] == pytest.approx(
+        threads * r["clock_ghz"] * r["ipc"] * ins.macs)
+    assert 0.5 < r["clock_ghz"] < 7 and 0 < r["ipc"] <= 4
+    # at most 4 multiply-adds a cycle per thread: a hoisted loop "measured" far above it
+    per_thread_per_ghz = r["measured_gmacs"] / threads / r["clock_ghz"]
+    assert per_thread_per_ghz <= 4 * ins.macs
+    assert r["hot_loop"]["mac_instructions"] == r["accumulators"] * r["hot_loop"]["unroll"]
+    assert r["method"]
+
+
+def test_peak_caption_says_how():
+    from tvmq import bench_layers
+
+    base = {"gmacs": 470.0, "threads": 2, "instruction": "vpdpbusd zmm", "measured_gmacs": 470.0,
+            "estimated_gmacs": 940.0, "clock_ghz": 3.67, "ipc": 2.0, "mcpu": "znver4",
+            "mca_model": "icelake-server"}
+    assert "not used" in bench_layers.peak_caption(base)
+    own = bench_layers.peak_caption({**base, "mcpu": "znver3", "mca_model": "znver3",
+                                     "instruction": "vpmaddwd ymm + vpaddd"})
+    assert own.startswith("peak: 470 GMAC/s") and "max(measured 470" in own
