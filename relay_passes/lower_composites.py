@@ -7,6 +7,16 @@ function with ``Composite = "tvmq.qconv2d"`` and its scalar arguments as JSON in
 with the shift requantization (and a fused ReLU) as the kernel's epilogue. Weights are packed
 and biases pre-shifted here, at build time, in exact integer numpy.
 
+Layout: the integer graph keeps its 4-D activations channels-last (NHWC), the order the
+conv kernel reads and writes, so nothing is repacked between layers. A rule marked
+:func:`channels_last` takes and returns NHWC; the lowering converts once where the graph
+enters (the input quantize writes NHWC) and wherever an NCHW-only consumer needs the value
+(an ``R.permute_dims`` view that DeadCodeElimination drops when no one uses it).
+
+Ranges: the lowering follows each value's integer range (``OUTPUT_RANGES``); a channels-last
+rule is told its activation input's range, so a conv whose input is known to be >= 0 (a
+fused ReLU upstream) uses the unsigned operand without an offset (``Conv2dParams.nonneg``).
+
 Nothing below ``tvmq`` is imported: composites are found by their ``tvmq.<op>`` name, the
 string contract with the frontend.
 """
@@ -42,10 +52,27 @@ def _aligned_bias(expr: relax.Expr, bias_shift: int, node: str) -> np.ndarray:
     return (_constant(expr, "the bias", node).astype(np.int64) << bias_shift).astype(np.int32)
 
 
+INT8 = (-128, 127)  # the range of a value nothing more is known of
+
+
+def channels_last(rule: Callable) -> Callable:
+    """Mark a lowering rule as layout-aware: its 4-D int8 activations come and go NHWC, and
+    it is called with ``input_range=(lo, hi)`` of its first argument."""
+    rule.channels_last = True
+    return rule
+
+
+def nonneg(input_range) -> bool:
+    """Is an input known to lie in [0, 127] (after a ReLU): unsigned operands are exact."""
+    return input_range[0] >= 0
+
+
 def int8_conv(bb, x, weight: np.ndarray, bias: np.ndarray, shift: np.ndarray | None,
-              params: "conv_ops.Conv2dParams", target):
-    """The int8 conv kernel on build-time constants: weights packed for the target, one
-    shift for the layer (``params.out_shift``) or one per output channel (``shift``)."""
+              params: "conv_ops.Conv2dParams", target, input_range=INT8):
+    """The int8 conv kernel on build-time constants, NHWC in and out: weights packed for the
+    target, one shift for the layer (``params.out_shift``) or one per output channel
+    (``shift``); an input known to be >= 0 needs no unsigned offset."""
+    params = dataclasses.replace(params, nonneg=nonneg(input_range))
     packed = conv_ops.pack_conv2d(weight, bias, params, target)
     if shift is not None and len(set(shift.tolist())) == 1:  # uniform: the one-shift kernel
         params, shift = dataclasses.replace(params, out_shift=int(shift[0]),
@@ -55,13 +82,15 @@ def int8_conv(bb, x, weight: np.ndarray, bias: np.ndarray, shift: np.ndarray | N
             raise LoweringError(f"output range [{params.lo}, {params.hi}] is not an N-bit range")
     consts = [relax.const(p) for p in packed] + ([relax.const(shift.astype(np.int32))]
                                                   if shift is not None else [])
-    kernel = partial(conv_ops.qconv2d, weight_shape=weight.shape, params=params, target=target)
+    kernel = partial(conv_ops.qconv2d, weight_shape=weight.shape, params=params, target=target,
+                     layout="NHWC")
     return bb.call_te(kernel, x, *consts, primfunc_name_hint="tvmq_qconv2d")
 
 
 def int8_dense(bb, x, weight: np.ndarray, bias: np.ndarray, shift: np.ndarray | None,
-               params: "dense_ops.DenseParams", target):
+               params: "dense_ops.DenseParams", target, input_range=INT8):
     """The int8 dense kernel (a 1x1 conv) on build-time constants."""
+    params = dataclasses.replace(params, nonneg=nonneg(input_range))
     packed = dense_ops.pack_dense(weight, bias, params, target)
     consts = [relax.const(p) for p in packed] + ([relax.const(shift.astype(np.int32))]
                                                   if shift is not None else [])
@@ -69,43 +98,54 @@ def int8_dense(bb, x, weight: np.ndarray, bias: np.ndarray, shift: np.ndarray | 
     return bb.call_te(kernel, x, *consts, primfunc_name_hint="tvmq_qdense")
 
 
-def _lower_qconv2d(bb, args, attrs, target, node):
+@channels_last
+def _lower_qconv2d(bb, args, attrs, target, node, input_range):
     stride, padding, dilation, groups, bias_shift, out_shift, relu, bits = attrs
     x, w, b = args
     params = conv_ops.Conv2dParams(tuple(stride), tuple(padding), tuple(dilation), groups,
                                    out_shift, relu, bits)
     return int8_conv(bb, x, _constant(w, "the weight", node),
-                     _aligned_bias(b, bias_shift, node), None, params, target)
+                     _aligned_bias(b, bias_shift, node), None, params, target, input_range)
 
 
-def _lower_qlinear(bb, args, attrs, target, node):
+@channels_last
+def _lower_qlinear(bb, args, attrs, target, node, input_range):
     bias_shift, out_shift, relu, bits = attrs
     x, w, b = args
     return int8_dense(bb, x, _constant(w, "the weight", node), _aligned_bias(b, bias_shift, node),
-                      None, dense_ops.DenseParams(out_shift, relu, bits), target)
+                      None, dense_ops.DenseParams(out_shift, relu, bits), target, input_range)
 
 
-def _lower_qconv2d_pc(bb, args, attrs, target, node):
+@channels_last
+def _lower_qconv2d_pc(bb, args, attrs, target, node, input_range):
     stride, padding, dilation, groups, lo, hi = attrs
     x, w, b, shift = args
     params = conv_ops.Conv2dParams(tuple(stride), tuple(padding), tuple(dilation), groups,
                                    None, lo=lo, hi=hi)
     return int8_conv(bb, x, _constant(w, "the weight", node), _constant(b, "the bias", node),
-                     _constant(shift, "the shifts", node), params, target)
+                     _constant(shift, "the shifts", node), params, target, input_range)
 
 
-def _lower_qlinear_pc(bb, args, attrs, target, node):
+@channels_last
+def _lower_qlinear_pc(bb, args, attrs, target, node, input_range):
     lo, hi = attrs
     x, w, b, shift = args
     return int8_dense(bb, x, _constant(w, "the weight", node), _constant(b, "the bias", node),
                       _constant(shift, "the shifts", node),
-                      dense_ops.DenseParams(None, lo=lo, hi=hi), target)
+                      dense_ops.DenseParams(None, lo=lo, hi=hi), target, input_range)
 
 
-def _lower_simple(kernel: Callable, name: str):
-    def lower(bb, args, attrs, target, node):
+def _lower_simple(kernel: Callable, name: str, layout_free: bool = False):
+    """A kernel called with the composite's tensors then its scalars. ``layout_free``
+    (elementwise): it runs channels-last as it is."""
+    def lower(bb, args, attrs, target, node, input_range=None):
         return bb.call_te(kernel, *args, *attrs, primfunc_name_hint=name)
-    return lower
+    return channels_last(lower) if layout_free else lower
+
+
+def _lower_nhwc(kernel: Callable, name: str):
+    """A kernel with a ``layout`` argument, lowered channels-last."""
+    return _lower_simple(partial(kernel, layout="NHWC"), name, layout_free=True)
 
 
 OPAQUE = ("tvmq_qconv2d", "tvmq_qdense", "tvmq_bitserial", "tvmq_shiftadd")
@@ -119,12 +159,32 @@ LOWERINGS: dict[str, "Callable | dict[str, Callable]"] = {
     "tvmq.qlinear": _lower_qlinear,
     "tvmq.qconv2d_pc": _lower_qconv2d_pc,
     "tvmq.qlinear_pc": _lower_qlinear_pc,
-    "tvmq.quantize": _lower_simple(elementwise.quantize, "tvmq_quantize"),
+    "tvmq.quantize": _lower_nhwc(elementwise.quantize, "tvmq_quantize"),
     "tvmq.dequantize": _lower_simple(elementwise.dequantize, "tvmq_dequantize"),
-    "tvmq.qadd": _lower_simple(elementwise.qadd, "tvmq_qadd"),
-    "tvmq.qrelu": _lower_simple(elementwise.qrelu, "tvmq_qrelu"),
-    "tvmq.qmax_pool2d": _lower_simple(pool.qmax_pool2d, "tvmq_qmax_pool2d"),
-    "tvmq.qavg_pool2d": _lower_simple(pool.qavg_pool2d, "tvmq_qavg_pool2d"),
+    "tvmq.qadd": _lower_simple(elementwise.qadd, "tvmq_qadd", layout_free=True),
+    "tvmq.qrelu": _lower_simple(elementwise.qrelu, "tvmq_qrelu", layout_free=True),
+    "tvmq.qmax_pool2d": _lower_nhwc(pool.qmax_pool2d, "tvmq_qmax_pool2d"),
+    "tvmq.qavg_pool2d": _lower_nhwc(pool.qavg_pool2d, "tvmq_qavg_pool2d"),
+}
+
+
+def signed_range(bits: int, relu: bool = False) -> tuple[int, int]:
+    return (0 if relu else -(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+
+
+# composite -> the integer range of its output, from its scalars and its inputs' ranges
+# (``OUTPUT_RANGES[op](scalars, input_ranges)``); a scheme's op adds its line from its module.
+# A value whose producer is not here is taken as any int8.
+OUTPUT_RANGES: dict[str, Callable] = {
+    "tvmq.qconv2d": lambda s, _: signed_range(s[-1], s[-2]),  # ..., relu, bits
+    "tvmq.qlinear": lambda s, _: signed_range(s[-1], s[-2]),
+    "tvmq.qconv2d_pc": lambda s, _: (s[-2], s[-1]),  # ..., lo, hi
+    "tvmq.qlinear_pc": lambda s, _: (s[-2], s[-1]),
+    "tvmq.quantize": lambda s, _: signed_range(s[1]),  # exponent, bits
+    "tvmq.qadd": lambda s, _: signed_range(s[3], s[2]),  # a_shift, b_shift, relu, bits
+    "tvmq.qrelu": lambda s, r: (0, max(r[0][1], 0)),
+    "tvmq.qmax_pool2d": lambda s, r: r[0],
+    "tvmq.qavg_pool2d": lambda s, r: r[0],  # a mean stays between its inputs' bounds
 }
 
 
@@ -157,6 +217,15 @@ def composite_calls(mod: tvm.IRModule):
     return calls
 
 
+def _is_activation(expr: relax.Expr) -> bool:
+    """A 4-D int8 tensor variable: what the graph keeps channels-last."""
+    ty = expr.ty if isinstance(expr, relax.Var) else None
+    return isinstance(ty, relax.TensorType) and ty.ndim == 4 and str(ty.dtype) == "int8"
+
+
+TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+
+
 @mutator
 class _CompositeLowerer(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, plan: dict):
@@ -164,6 +233,8 @@ class _CompositeLowerer(PyExprMutator):
         self.mod_ = mod
         self.target = target
         self.plan = plan
+        self.nhwc: dict = {}  # NCHW var -> its channels-last twin
+        self.ranges: dict = {}  # var -> (lo, hi) of its integers
 
     def transform(self) -> tvm.IRModule:
         for gv, func in self.mod_.functions_items():
@@ -180,25 +251,67 @@ class _CompositeLowerer(PyExprMutator):
                 mod[gv] = func.with_attr("op_pattern", OP_PATTERN_OPAQUE)
         return mod
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = self.visit_expr_post_order(call)
-        if not isinstance(call.op, relax.GlobalVar):
-            return call
-        func = self.mod_[call.op]
-        attrs = func.attrs or {}
+    def _composite(self, expr):
+        """(node, composite, scalars) of a tvmq composite call, else None."""
+        if not (isinstance(expr, relax.Call) and isinstance(expr.op, relax.GlobalVar)):
+            return None
+        attrs = self.mod_[expr.op].attrs or {}
         composite = str(attrs.get("Composite", ""))
         if not composite.startswith("tvmq."):
-            return call
-        node = str(attrs.get("tvmq.node", call.op.name_hint))
+            return None
+        return (str(attrs.get("tvmq.node", expr.op.name_hint)), composite,
+                json.loads(str(attrs["tvmq.attrs"])))
+
+    def _rule(self, node: str, composite: str, scalars: list) -> Callable:
         if composite not in LOWERINGS:
             raise LoweringError(f"node {node!r}: no integer kernel for {composite}")
-        scalars = json.loads(str(attrs["tvmq.attrs"]))
         rules = alternatives(composite, scalars)
         name = self.plan.get(node, next(iter(rules)))
         if name not in rules:
             raise LoweringError(f"node {node!r}: {composite} has no lowering {name!r};"
                                 f" it has {', '.join(rules)}")
-        return rules[name](self.builder_, list(call.args), scalars, self.target, node)
+        return rules[name]
+
+    def _channels_last(self, arg: relax.Expr) -> relax.Expr:
+        """The NHWC form of an activation: its twin, or a transpose (graph entry, or after a
+        kernel that only runs NCHW)."""
+        if not _is_activation(arg):
+            return arg
+        if arg not in self.nhwc:
+            self.nhwc[arg] = self.builder_.emit(relax.op.permute_dims(arg, TO_NHWC),
+                                                name_hint=f"{arg.name}_nhwc")
+        return self.nhwc[arg]
+
+    def _bind(self, var: relax.Var, value: relax.Expr) -> relax.Var:
+        emit = (self.builder_.emit if isinstance(var, relax.DataflowVar)
+                else self.builder_.emit_output)
+        new = emit(value, name_hint=var.name)
+        self.set_var_remap(var, new)
+        return new
+
+    def visit_var_binding_(self, binding) -> None:
+        found = self._composite(binding.value)
+        if found is None:
+            super().visit_var_binding_(binding)
+            return
+        node, composite, scalars = found
+        rule = self._rule(node, composite, scalars)
+        args = [self.visit_expr(a) for a in binding.value.args]
+        in_ranges = [self.ranges.get(a, INT8) for a in args]
+        if getattr(rule, "channels_last", False):
+            out = self.builder_.normalize(rule(
+                self.builder_, [self._channels_last(a) for a in args], scalars, self.target,
+                node, input_range=in_ranges[0] if in_ranges else INT8))
+            if out.ty.ndim == 4:
+                nhwc = self.builder_.emit(out, name_hint=f"{binding.var.name}_nhwc")
+                new = self._bind(binding.var, relax.op.permute_dims(nhwc, TO_NCHW))
+                self.nhwc[new] = nhwc
+            else:
+                new = self._bind(binding.var, out)
+        else:
+            new = self._bind(binding.var, rule(self.builder_, args, scalars, self.target, node))
+        if composite in OUTPUT_RANGES:
+            self.ranges[new] = tuple(OUTPUT_RANGES[composite](scalars, in_ranges))
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerTvmqComposites")

@@ -18,8 +18,8 @@ from functools import partial
 import numpy as np
 from tvm import relax
 
-from relay_passes.lower_composites import (LOWERINGS, OP_PATTERN_OPAQUE, LoweringError,
-                                           _constant, int8_conv)
+from relay_passes.lower_composites import (LOWERINGS, OP_PATTERN_OPAQUE, OUTPUT_RANGES,
+                                           LoweringError, _constant, channels_last, int8_conv)
 from topi_ops import conv2d as conv_ops
 from topi_ops import shiftadd
 
@@ -42,14 +42,16 @@ def _params(attrs):
                                  None, lo=lo, hi=hi)
 
 
-def _lower_int8_fold(bb, args, attrs, target, node):
+@channels_last
+def _lower_int8_fold(bb, args, attrs, target, node, input_range):
     x, codes, bias, shift = args
     weight = decode_codes(_constant(codes, "the power-of-two codes", node), node)
     return int8_conv(bb, x, weight, _constant(bias, "the bias", node),
-                     _constant(shift, "the shifts", node), _params(attrs), target)
+                     _constant(shift, "the shifts", node), _params(attrs), target, input_range)
 
 
 LOWERINGS["tvmq.pot_conv2d"] = {"int8-fold": _lower_int8_fold}
+OUTPUT_RANGES["tvmq.pot_conv2d"] = lambda s, _: (s[-2], s[-1])  # ..., lo, hi
 
 
 def _lower_shift_add(bb, args, attrs, target, node):

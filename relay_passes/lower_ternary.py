@@ -16,7 +16,8 @@ from functools import partial
 import numpy as np
 from tvm import relax
 
-from relay_passes.lower_composites import LOWERINGS, _constant, int8_conv
+from relay_passes.lower_composites import (LOWERINGS, OUTPUT_RANGES, _constant, channels_last,
+                                           int8_conv)
 from topi_ops import bitserial
 from topi_ops import conv2d as conv_ops
 
@@ -29,7 +30,8 @@ def fold_terms(terms: np.ndarray, term_shift: np.ndarray) -> np.ndarray:
     return folded.astype(np.int8)
 
 
-def _lower_int8_fold(bb, args, attrs, target, node):
+@channels_last
+def _lower_int8_fold(bb, args, attrs, target, node, input_range):
     stride, padding, dilation, groups, lo, hi, _in_bits = attrs
     x, terms, term_shift, bias, shift = args
     weight = fold_terms(_constant(terms, "the terms", node),
@@ -37,7 +39,7 @@ def _lower_int8_fold(bb, args, attrs, target, node):
     params = conv_ops.Conv2dParams(tuple(stride), tuple(padding), tuple(dilation), groups,
                                    None, lo=lo, hi=hi)
     return int8_conv(bb, x, weight, _constant(bias, "the bias", node),
-                     _constant(shift, "the shifts", node), params, target)
+                     _constant(shift, "the shifts", node), params, target, input_range)
 
 
 def _lower_bitserial(bb, args, attrs, target, node):
@@ -60,3 +62,4 @@ _lower_bitserial.applies = lambda attrs: 1 <= attrs[-1] <= 7
 
 LOWERINGS["tvmq.ternary_conv2d"] = {"int8-fold": _lower_int8_fold,
                                     "bitserial": _lower_bitserial}
+OUTPUT_RANGES["tvmq.ternary_conv2d"] = lambda s, _: (s[-3], s[-2])  # ..., lo, hi, in_bits

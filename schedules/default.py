@@ -31,10 +31,20 @@ def register_tiles(out_blocks: int, width: int) -> list[tuple[int, int]]:
             for c in range(1, 9) if width % c == 0 and b * c <= 12]
 
 
+def split_channels(sch: s_tir.Schedule, conv) -> list:
+    """The conv block's loops with its output channels split into (blocks, lanes): ``n, y,
+    x, ob, oi, ry, rx, rc, rj`` (the accumulator is [N, OH, OW, O'], ``tvmq_block`` lanes)."""
+    n, y, x, oc, *reduce = sch.get_loops(conv)
+    block = int(sch.get(conv).annotations["tvmq_block"])
+    ob, oi = sch.split(oc, [None, block])
+    return [n, y, x, ob, oi, *reduce]
+
+
 def conv_loop_extents(sch: s_tir.Schedule, conv) -> tuple[int, int]:
     """(output-channel blocks, output width) of the conv block."""
-    _n, ob, _y, x, *_ = sch.get_loops(conv)
-    return int(sch.get(ob).extent), int(sch.get(x).extent)
+    _n, _y, x, oc, *_ = sch.get_loops(conv)
+    block = int(sch.get(conv).annotations["tvmq_block"])
+    return int(sch.get(oc).extent) // block, int(sch.get(x).extent)
 
 
 def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
@@ -47,8 +57,9 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         sch.compute_inline(blocks["tvmq_dense_as_image"])
         sch.reverse_compute_inline(blocks["tvmq_dense_out"])
     requant = sch.get_sblock("tvmq_conv_requant")
-    n, ob, y, x, oi, ry, rx, rc, rj = sch.get_loops(conv)
-    ob_tile, x_tile = tile or register_tile(*conv_loop_extents(sch, conv))
+    extents = conv_loop_extents(sch, conv)
+    n, y, x, ob, oi, ry, rx, rc, rj = split_channels(sch, conv)
+    ob_tile, x_tile = tile or register_tile(*extents)
     obo, obi = sch.split(ob, [None, ob_tile])
     xo, xi = sch.split(x, [None, x_tile])
     sch.reorder(n, obo, y, xo, ry, rx, rc, obi, xi, oi, rj)
@@ -74,7 +85,8 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     sch.unroll(obi)
     sch.set_scope(init, 0, "local")  # after tensorize: the intrinsic matches global buffers
     for name in ("tvmq_conv_data_pack", "tvmq_conv_unpack"):
-        schedule_loop_nest(sch, sch.get_sblock(name), target)
+        if name in blocks:
+            schedule_loop_nest(sch, sch.get_sblock(name), target)
 
 
 RULES = {"tvmq_qconv2d_pairs": schedule_conv_pairs, "tvmq_bitserial_conv2d": schedule_bitserial_conv2d}

@@ -1,15 +1,19 @@
-"""int8 conv2d: int8 NCHW data x int8 OIHW weights -> int32 accumulators -> shift requantize
--> int8 NCHW.
+"""int8 conv2d: int8 activations x int8 OIHW weights -> int32 accumulators -> shift
+requantize -> int8, NCHW or NHWC (the layout the lowered graph keeps between layers).
 
 Dense convolutions (groups == 1) run on small groups of input channels, innermost in both
-operands: the data is packed inside the kernel to ``[N, Hp, Wp, C/G, G]`` (padded) and the
-weights at build time to ``[O/B, KH, KW, C/G, B, G]``, so the innermost step is "B output
-channels += G input channels", one instruction of the target (``conv_layout``): int16 pairs
-(G = 2, B = 8) for AVX2 ``vpmaddwd`` and NEON ``smlal``; u8 x s8 quads (G = 4, B = 16) for
-AVX-512 VNNI ``vpdpbusd``, the data offset by +128 and ``128 * sum(w)`` taken out of the bias
-at build time; s8 quads (G = 4, B = 8) for ARMv8.2 ``sdot`` (Pi 5). All are exact integer
-arithmetic. The accumulator tile stays in registers and the shift requantization is the
-epilogue of the same loop nest. Grouped and depthwise convolutions use a direct NCHW loop nest.
+operands: the data is packed inside the kernel to ``[N, Hp, Wp, C/G, G]`` (padded; from NHWC
+a contiguous copy) and the weights at build time to ``[O/B, KH, KW, C/G, B, G]``, so the
+innermost step is "B output channels += G input channels", one instruction of the target
+(``conv_layout``): int16 pairs (G = 2, B = 8) for AVX2 ``vpmaddwd`` and NEON ``smlal``; u8 x s8
+quads (G = 4, B = 16) for AVX-512 VNNI ``vpdpbusd``, the data offset by +128 and ``128 *
+sum(w)`` taken out of the bias at build time, unless the input is known to be >= 0
+(``Conv2dParams.nonneg``: after a ReLU the int8 bytes already are valid u8); s8 quads (G = 4,
+B = 8) for ARMv8.2 ``sdot`` (Pi 5). All are exact integer arithmetic. The accumulator
+``[N, OH, OW, O']`` keeps its tile in registers, and the shift requantization is the epilogue
+of the same loop nest, stored straight into an NHWC output. A 1x1 conv without padding packs
+only the pixels it reads (every s-th for stride s). Grouped and depthwise convolutions use a
+direct NCHW loop nest.
 """
 from __future__ import annotations
 
@@ -77,6 +81,7 @@ class Conv2dParams:
     bits: int = 8
     lo: int = -128
     hi: int = 127
+    nonneg: bool = False  # the input is known to lie in [0, 127]: u8 operands need no offset
 
 
 def _requantize(value, channel, params, shift):
@@ -111,65 +116,98 @@ def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, targ
     w[:o, :c] = weight
     w = w.reshape(ob, block, cg, group, kh, kw).transpose(0, 4, 5, 2, 1, 3)
     bias = bias.astype(np.int64)
-    if layout.data == "uint8":
+    if layout.data == "uint8" and not params.nonneg:
         bias = bias - U8_OFFSET * weight.astype(np.int64).sum(axis=(1, 2, 3))
     return [np.ascontiguousarray(w), bias.astype(np.int32)]
 
 
+LAYOUTS = ("NCHW", "NHWC")  # activations between layers: NHWC keeps the conv's channel-innermost order
+
+
 def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tensor | None = None,
             *, weight_shape, params: Conv2dParams, target=None, epilogue=None,
-            pad: int = 0) -> te.Tensor:
-    """data [N, C, H, W] int8, packed weight (see :func:`pack_conv2d`), bias [O] int32,
-    shift [O] int32 when ``params.out_shift`` is None -> [N, O, OH, OW] int8.
+            pad: int = 0, layout: str = "NCHW") -> te.Tensor:
+    """data [N, C, H, W] int8 (``layout="NHWC"``: [N, H, W, C]), packed weight (see
+    :func:`pack_conv2d`), bias [O] int32, shift [O] int32 when ``params.out_shift`` is None
+    -> [N, O, OH, OW] int8 (NHWC: [N, OH, OW, O]).
 
     ``epilogue(acc + bias, channel)``: another requantization of the int32 accumulator (e.g.
     a fixed-point multiplier, ``topi_ops.fixed_point``); ``pad``: the integer the spatial
-    padding stands for (an affine input's zero point; 0 for tvmq's own tensors)."""
+    padding stands for (an affine input's zero point; 0 for tvmq's own tensors).
+
+    The accumulator is [N, OH, OW, O'] (O' = O rounded up to the block): in NHWC the
+    requantized tile is stored straight into the output, in NCHW it is unpacked after."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"conv layout {layout!r}: one of {', '.join(LAYOUTS)}")
     if epilogue is None:
         def epilogue(value, channel):
             return _requantize(value, channel, params, shift)
     if params.groups != 1:
-        return _qconv2d_grouped(data, weight, bias, weight_shape, params, epilogue, pad)
-    n, c, h, w = (int(v) for v in data.shape)
+        return _qconv2d_grouped(data, weight, bias, weight_shape, params, epilogue, pad, layout)
+    nhwc = layout == "NHWC"
+    n, c, h, w = (int(data.shape[i]) for i in ((0, 3, 1, 2) if nhwc else (0, 1, 2, 3)))
     o, _, kh, kw = weight_shape
     ob, cg, block, group = (int(weight.shape[i]) for i in (0, 3, 4, 5))
     pt, pl, pb, pr = params.padding
     (sh, sw), (dh, dw) = params.strides, params.dilation
     oh, ow = output_hw((h, w), (kh, kw), params)
-    # int16 pairs, s8 quads, or u8 quads (x + 128; padding is x = 0, i.e. 128, as the bias
-    # correction of pack_conv2d assumes)
+    # int16 pairs, s8 quads, or u8 quads (x + 128, unless x is known to be >= 0; padding is
+    # x = 0, i.e. the offset, as the bias correction of pack_conv2d assumes)
     dtype = data_layout(weight.shape, target).data
-    offset = U8_OFFSET if dtype == "uint8" else 0
+    offset = U8_OFFSET if dtype == "uint8" and not params.nonneg else 0
 
-    def pack(b, y, x, cc, j):
-        ch = cc * group + j
-        inside = tirx.all(ch < c, y >= pt, y < pt + h, x >= pl, x < pl + w)
-        value = data[b, tirx.min(ch, c - 1), y - pt, x - pl].astype("int16") + offset
-        # padded channels have zero weights: any value works; keep them like padding
-        return tirx.if_then_else(inside, value.astype(dtype), tirx.const(offset + pad, dtype))
+    def element(b, ch, y, x):
+        return data[b, y, x, ch] if nhwc else data[b, ch, y, x]
 
-    packed = te.compute((n, h + pt + pb, w + pl + pr, cg, group), pack,
-                        name="tvmq_conv_data_pack")
+    # a 1x1 conv without padding packs only the pixels it reads (a strided one every s-th)
+    subsample = (kh, kw) == (1, 1) and not any(params.padding)
+    if subsample:
+        def pack(b, y, x, cc, j):
+            ch = cc * group + j
+            value = element(b, tirx.min(ch, c - 1), y * sh, x * sw).astype("int16") + offset
+            return tirx.if_then_else(ch < c, value.astype(dtype), tirx.const(offset, dtype))
+
+        packed = te.compute((n, oh, ow, cg, group), pack, name="tvmq_conv_data_pack")
+        (sh, sw) = (1, 1)
+    else:
+        def pack(b, y, x, cc, j):
+            ch = cc * group + j
+            inside = tirx.all(ch < c, y >= pt, y < pt + h, x >= pl, x < pl + w)
+            value = element(b, tirx.min(ch, c - 1), y - pt, x - pl).astype("int16") + offset
+            # padded channels have zero weights: any value works; keep them like padding
+            return tirx.if_then_else(inside, value.astype(dtype), tirx.const(offset + pad, dtype))
+
+        packed = te.compute((n, h + pt + pb, w + pl + pr, cg, group), pack,
+                            name="tvmq_conv_data_pack")
     rc, ry, rx, rj = (te.reduce_axis((0, cg), "rc"), te.reduce_axis((0, kh), "ry"),
                       te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, group), "rj"))
     acc = te.compute(
-        (n, ob, oh, ow, block),
-        lambda b, o_b, y, x, oi: te.sum(
+        (n, oh, ow, ob * block),
+        lambda b, y, x, oc: te.sum(
             packed[b, y * sh + ry * dh, x * sw + rx * dw, rc, rj].astype("int32")
-            * weight[o_b, ry, rx, rc, oi, rj].astype("int32"), axis=[ry, rx, rc, rj]),
-        name="tvmq_conv_acc", attrs={"schedule_rule": "tvmq_qconv2d_pairs"})
-    blocked = te.compute(
-        acc.shape,
-        lambda b, o_b, y, x, oi: epilogue(
-            acc[b, o_b, y, x, oi] + bias[tirx.min(o_b * block + oi, o - 1)],
-            tirx.min(o_b * block + oi, o - 1)),
-        name="tvmq_conv_requant")
-    return te.compute((n, o, oh, ow),
-                      lambda b, oc, y, x: blocked[b, oc // block, y, x, oc % block],
+            * weight[oc // block, ry, rx, rc, oc % block, rj].astype("int32"),
+            axis=[ry, rx, rc, rj]),
+        name="tvmq_conv_acc", attrs={"schedule_rule": "tvmq_qconv2d_pairs",
+                                     "tvmq_block": block})
+
+    def requant(b, y, x, oc):
+        channel = tirx.min(oc, o - 1)
+        return epilogue(acc[b, y, x, oc] + bias[channel], channel)
+
+    if nhwc:
+        return te.compute((n, oh, ow, o), requant, name="tvmq_conv_requant")
+    blocked = te.compute(acc.shape, requant, name="tvmq_conv_requant")
+    return te.compute((n, o, oh, ow), lambda b, oc, y, x: blocked[b, y, x, oc],
                       name="tvmq_conv_unpack")
 
 
-def _qconv2d_grouped(data, weight, bias, weight_shape, params, epilogue, pad):
+def _qconv2d_grouped(data, weight, bias, weight_shape, params, epilogue, pad, layout):
+    if layout == "NHWC":  # direct loop nest on NCHW: transposes in and out (no schedule yet)
+        nchw = te.compute((data.shape[0], data.shape[3], data.shape[1], data.shape[2]),
+                          lambda b, ch, y, x: data[b, y, x, ch], name="tvmq_conv_to_nchw")
+        out = _qconv2d_grouped(nchw, weight, bias, weight_shape, params, epilogue, pad, "NCHW")
+        return te.compute((out.shape[0], out.shape[2], out.shape[3], out.shape[1]),
+                          lambda b, y, x, ch: out[b, ch, y, x], name="tvmq_conv_to_nhwc")
     n, c, h, w = (int(v) for v in data.shape)
     o, cg, kh, kw = weight_shape
     og = o // params.groups

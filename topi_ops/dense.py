@@ -20,10 +20,11 @@ class DenseParams:
     bits: int = 8
     lo: int = -128
     hi: int = 127
+    nonneg: bool = False
 
     def as_conv(self) -> Conv2dParams:
         return Conv2dParams((1, 1), (0, 0, 0, 0), (1, 1), 1, self.out_shift, self.relu,
-                            self.bits, self.lo, self.hi)
+                            self.bits, self.lo, self.hi, self.nonneg)
 
 
 def pack_dense(weight: np.ndarray, bias: np.ndarray, params: DenseParams, target=None):
@@ -34,8 +35,8 @@ def qdense(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tensor
            *, weight_shape, params: DenseParams, target=None) -> te.Tensor:
     """data [N, K] int8, packed weight, bias [O] int32 (shift [O] int32) -> [N, O] int8."""
     n, k = (int(v) for v in data.shape)
-    image = te.compute((n, k, 1, 1), lambda b, c, y, x: data[b, c], name="tvmq_dense_as_image")
+    image = te.compute((n, 1, 1, k), lambda b, y, x, c: data[b, c], name="tvmq_dense_as_image")
     out = qconv2d(image, weight, bias, shift, weight_shape=(*weight_shape, 1, 1),
-                  params=params.as_conv(), target=target)
-    return te.compute((n, int(weight_shape[0])), lambda b, o: out[b, o, 0, 0],
+                  params=params.as_conv(), target=target, layout="NHWC")
+    return te.compute((n, int(weight_shape[0])), lambda b, o: out[b, 0, 0, o],
                       name="tvmq_dense_out")

@@ -10,9 +10,10 @@ from tvm import te, tirx
 from topi_ops.requantize import round_shift, saturate
 
 
-def quantize(data: te.Tensor, exponent: int, bits: int) -> te.Tensor:
+def quantize(data: te.Tensor, exponent: int, bits: int, layout: str = "NCHW") -> te.Tensor:
     """float32 -> int8: ``saturate(floor(x * 2^-e + 0.5))`` (the graph's one float input);
-    NaN -> 0, ±inf saturate (as ``tvmq.ops.quantize``)."""
+    NaN -> 0, ±inf saturate (as ``tvmq.ops.quantize``). ``layout="NHWC"``: a 4-D NCHW input
+    is stored channels-last (the layout the integer graph keeps), in the same pass."""
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
     def f(*i):
@@ -21,6 +22,10 @@ def quantize(data: te.Tensor, exponent: int, bits: int) -> te.Tensor:
         v = tirx.max(tirx.min(v, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
         return tirx.if_then_else(tirx.isnan(x), tirx.const(0, "int8"), v.astype("int8"))
 
+    if layout == "NHWC" and len(data.shape) == 4:
+        n, c, h, w = data.shape
+        return te.compute((n, h, w, c), lambda b, y, x, ch: f(b, ch, y, x), name="tvmq_quantize",
+                          tag="elemwise")
     return te.compute(data.shape, f, name="tvmq_quantize", tag="elemwise")
 
 

@@ -46,6 +46,7 @@ class AffineConvParams:
     lo: int
     hi: int
     int32_shift: bool = False
+    nonneg: bool = False  # as Conv2dParams: pack_conv2d's bias correction and the kernel agree
 
 
 def _epilogue(acc, channel, mult, shift, p: AffineConvParams):
@@ -59,14 +60,14 @@ def _epilogue(acc, channel, mult, shift, p: AffineConvParams):
 
 def qconv2d_affine(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, mult: te.Tensor,
                    shift: te.Tensor, *, weight_shape, params: AffineConvParams,
-                   target=None) -> te.Tensor:
+                   target=None, layout: str = "NCHW") -> te.Tensor:
     """data [N, C, H, W] int8; weight packed by ``topi_ops.conv2d.pack_conv2d`` (OIHW for
     grouped convs); bias [O] int32 with ``x_zp * Σw`` already taken out; mult, shift [O]
     int32 -> [N, O, OH, OW] int8. tvmq's int8 conv (same blocks, same schedule and tuning)
     with the padding at the input's zero point and the fixed-point epilogue."""
     return qconv2d(data, weight, bias, weight_shape=weight_shape, params=params, target=target,
                    epilogue=lambda value, ch: _epilogue(value, ch, mult, shift, params),
-                   pad=params.x_zp)
+                   pad=params.x_zp, layout=layout)
 
 
 def qdense_affine(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, mult: te.Tensor,
@@ -74,10 +75,10 @@ def qdense_affine(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, mult: te.
                   target=None) -> te.Tensor:
     """data [N, K] int8 -> [N, O] int8: a 1x1 conv on a 1x1 image (shares its schedule)."""
     n, k = (int(v) for v in data.shape)
-    image = te.compute((n, k, 1, 1), lambda b, c, y, x: data[b, c], name="tvmq_dense_as_image")
+    image = te.compute((n, 1, 1, k), lambda b, y, x, c: data[b, c], name="tvmq_dense_as_image")
     out = qconv2d_affine(image, weight, bias, mult, shift, weight_shape=(*weight_shape, 1, 1),
-                         params=params, target=target)
-    return te.compute((n, int(weight_shape[0])), lambda b, o: out[b, o, 0, 0],
+                         params=params, target=target, layout="NHWC")
+    return te.compute((n, int(weight_shape[0])), lambda b, o: out[b, 0, 0, o],
                       name="tvmq_dense_out")
 
 
