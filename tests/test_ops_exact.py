@@ -19,6 +19,7 @@ CONV_CASES = [
     (1, 12, 9, 9, 18, 3, 2, (0, 1, 2, 1), 1, 3),       # grouped, asymmetric padding, stride 2
     (1, 32, 14, 14, 64, 3, 2, (1, 1, 1, 1), 1, 1),     # ResNet-like downsampling conv
     (1, 6, 12, 12, 8, 3, 1, (2, 2, 2, 2), 2, 1),       # dilation 2
+    (1, 20, 9, 9, 24, 1, 2, (0, 0, 0, 0), 1, 1),       # strided 1x1: packs every 2nd pixel
 ]
 
 

@@ -17,6 +17,22 @@ from collections import Counter
 LAYERS_RESULT = "TVMQ-LAYERS-RESULT "
 
 
+def _nonneg(node) -> bool:
+    """Is a deploy-graph value known to be >= 0 (a ReLU fused upstream)? The lowering knows
+    the same (``relay_passes.lower_composites.OUTPUT_RANGES``) and picks the kernel by it."""
+    import torch
+
+    ops = torch.ops.tvmq
+    relu_arg = {ops.qconv2d.default: 9, ops.qadd.default: 4}
+    if node.target in relu_arg:
+        return bool(node.args[relu_arg[node.target]])
+    if node.target == ops.qrelu.default:
+        return True
+    if node.target in (ops.qmax_pool2d.default, ops.qavg_pool2d.default):
+        return _nonneg(node.args[0])
+    return False
+
+
 def conv_layers(model: str) -> list[dict]:
     """Distinct conv layers of the zoo model's deploy graph, with how often each occurs."""
     import torch
@@ -30,48 +46,64 @@ def conv_layers(model: str) -> list[dict]:
             x, wshape = node.args[0].meta["val"], tuple(node.args[1].meta["val"].shape)
             stride, padding, dilation, groups = node.args[3:7]
             seen[(tuple(x.shape), wshape, tuple(stride), tuple(padding), tuple(dilation),
-                  groups)] += 1
+                  groups, _nonneg(node.args[0]))] += 1
     layers = []
-    for (xs, ws, stride, padding, dilation, groups), count in seen.items():
+    for (xs, ws, stride, padding, dilation, groups, nonneg), count in seen.items():
         n, c, h, w = xs
         o, cg, kh, kw = ws
         oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
         ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         layers.append({"input": list(xs), "weight": list(ws), "stride": list(stride),
                        "padding": list(padding), "dilation": list(dilation), "groups": groups,
-                       "count": count, "macs": n * o * oh * ow * cg * kh * kw})
+                       "nonneg": nonneg, "count": count, "macs": n * o * oh * ow * cg * kh * kw})
     return layers
+
+
+def layer_module(layer: dict, target):
+    """One conv layer as the lowered model runs it: NHWC int8 in and out, on an input known
+    to be >= 0 where the graph knows it (``nonneg``), random int8 weights."""
+    import numpy as np
+    from tvm import relax
+
+    from relay_passes.lower_composites import INT8, int8_conv
+    from topi_ops.conv2d import Conv2dParams
+
+    n, c, h, w = layer["input"]
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-128, 128, layer["weight"]).astype(np.int8)
+    params = Conv2dParams(tuple(layer["stride"]), tuple(layer["padding"]),
+                          tuple(layer["dilation"]), layer["groups"], 8, True)
+    x = relax.Var("x", relax.TensorType((n, h, w, c), "int8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(int8_conv(bb, x, weight, np.zeros(weight.shape[0], np.int32),
+                                           None, params, target,
+                                           (0, 127) if layer.get("nonneg") else INT8))
+        bb.emit_func_output(out)
+    return bb.get()
 
 
 def _tvmq_side(layers: list[dict], repeats: int, db: str | None) -> list[float]:
     """Median ms of tvmq's compiled conv kernel for each layer."""
-    import torch
+    import numpy as np
     import tvm
     from tvm import relax
 
     from schedules.targets import resolve
     from schedules.tuning import open_database
     from tvmq.compile import compile_relax
-    from tvmq.frontend import import_exported_program
 
     target = resolve("x86")
     database = open_database(db, target) if db else None
     out = []
     for layer in layers:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randint(-128, 128, layer["input"], generator=gen, dtype=torch.int8)
-        w = torch.randint(-128, 128, layer["weight"], generator=gen, dtype=torch.int8)
-        b = torch.zeros(layer["weight"][0], dtype=torch.int32)
-
-        class Conv(torch.nn.Module):
-            def forward(self, x, w=w, b=b, layer=layer):
-                return torch.ops.tvmq.qconv2d(x, w, b, layer["stride"], layer["padding"],
-                                              layer["dilation"], layer["groups"], 0, 8, True, 8)
-
-        ep = torch.export.export(Conv(), (x,))
-        ex = compile_relax(import_exported_program(ep), target, database)
+        ex = compile_relax(layer_module(layer, target), target, database)
         vm = relax.VirtualMachine(ex, tvm.cpu())
-        data = tvm.runtime.tensor(x.numpy())
+        n, c, h, w = layer["input"]
+        lo = 0 if layer.get("nonneg") else -128
+        x = np.random.default_rng(1).integers(lo, 128, (n, h, w, c)).astype(np.int8)
+        data = tvm.runtime.tensor(x)
         vm["main"](data)
         timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeats, min_repeat_ms=100)
         out.append(1e3 * sorted(timer(data).results)[repeats // 2])
