@@ -6,6 +6,8 @@ the memory-bound fallback (``schedules.elementwise``) leaves it alone.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
 from tvm import s_tir, tirx
 
@@ -25,10 +27,51 @@ def register_tile(out_blocks: int, width: int) -> tuple[int, int]:
     return 1, max(t for t in range(1, 9) if width % t == 0)
 
 
-def register_tiles(out_blocks: int, width: int) -> list[tuple[int, int]]:
-    """Every register tile that fits: the candidates tuning measures (the default is one)."""
-    return [(b, c) for b in (1, 2) if out_blocks % b == 0
-            for c in range(1, 9) if width % c == 0 and b * c <= 12]
+def vector_registers(target) -> tuple[int, int]:
+    """(vector registers, their bytes) of the target: 32 x 64 B zmm with AVX-512, 32 x 16 B
+    on aarch64 NEON, else 16 x 32 B ymm."""
+    if target is not None and str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+        return 32, 16
+    if target is not None and has_feature(target, "avx512bw"):
+        return 32, 64
+    return 16, 32
+
+
+def register_tiles(out_blocks: int, width: int, target=None, lanes: int = 8) -> list[tuple[int, int]]:
+    """Every register tile that fits the target's vector registers (``lanes`` int32 per
+    output-channel block): accumulators + one weight vector per block + one broadcast. The
+    candidates tuning measures (the default tile is one of them)."""
+    count, size = vector_registers(target)
+    per_block = max(1, lanes * 4 // size)
+    return [(b, c) for b in (1, 2, 4) if out_blocks % b == 0
+            for c in range(1, 17) if width % c == 0
+            and per_block * b * (c + 1) + 1 <= count] or [(1, 1)]
+
+
+@dataclass(frozen=True)
+class ConvSchedule:
+    """The free choices of the int8 conv schedule, what tuning searches over.
+
+    ``tile``: (output-channel blocks, output columns) of accumulators kept in registers.
+    ``reduce_order``: ``"taps"`` walks ry, rx, then input channels (the default); ``"channels"``
+    walks input channels outermost. ``parallel``: ``"channels"`` shares out (channel tile,
+    row) pairs, a thread's weights stay hot across rows; ``"rows"`` shares out rows, a thread
+    does every channel tile of its row, its input rows stay hot."""
+
+    tile: tuple[int, int]
+    reduce_order: str = "taps"
+    parallel: str = "channels"
+
+    def __post_init__(self):
+        if self.reduce_order not in ("taps", "channels") or self.parallel not in ("channels", "rows"):
+            raise ValueError(f"unknown conv schedule choice {self}")
+
+
+def conv_schedules(out_blocks: int, width: int, target=None, lanes: int = 8) -> list[ConvSchedule]:
+    """The tuning space of one conv: every register tile x reduction order x parallel loop."""
+    return [ConvSchedule(tile, order, par)
+            for tile in register_tiles(out_blocks, width, target, lanes)
+            for order in ("taps", "channels") for par in ("channels", "rows")]
 
 
 def split_channels(sch: s_tir.Schedule, conv) -> list:
@@ -48,10 +91,11 @@ def conv_loop_extents(sch: s_tir.Schedule, conv) -> tuple[int, int]:
 
 
 def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
-                        tile: tuple[int, int] | None = None) -> None:
+                        choice: ConvSchedule | None = None) -> None:
     """Register-tiled, parallel, tensorized schedule of ``tvmq_conv_acc`` (channel pairs),
     with its requantize epilogue on the register tile and parallel data (un)packing.
-    ``tile`` = (output-channel blocks, columns) overrides ``register_tile`` (tuning)."""
+    ``choice`` overrides the default (``register_tile``, taps first, channel tiles shared
+    out): tuning."""
     blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
     if "tvmq_dense_as_image" in blocks:  # dense = 1x1 conv: its reshapes are free
         sch.compute_inline(blocks["tvmq_dense_as_image"])
@@ -59,11 +103,17 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     requant = sch.get_sblock("tvmq_conv_requant")
     extents = conv_loop_extents(sch, conv)
     n, y, x, ob, oi, ry, rx, rc, rj = split_channels(sch, conv)
-    ob_tile, x_tile = tile or register_tile(*extents)
+    choice = choice or ConvSchedule(register_tile(*extents))
+    ob_tile, x_tile = choice.tile
     obo, obi = sch.split(ob, [None, ob_tile])
     xo, xi = sch.split(x, [None, x_tile])
-    sch.reorder(n, obo, y, xo, ry, rx, rc, obi, xi, oi, rj)
-    outer = sch.fuse(n, obo, y)
+    reduce = (ry, rx, rc) if choice.reduce_order == "taps" else (rc, ry, rx)
+    if choice.parallel == "channels":
+        sch.reorder(n, obo, y, xo, *reduce, obi, xi, oi, rj)
+        outer = sch.fuse(n, obo, y)
+    else:
+        sch.reorder(n, y, obo, xo, *reduce, obi, xi, oi, rj)
+        outer = sch.fuse(n, y)
     sch.parallel(outer)
     # the accumulator tile [ob_tile, x_tile, 8] lives in registers; requantize right after it
     sch.reverse_compute_at(requant, xo)
@@ -77,7 +127,7 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         sch.reorder(rj, oi)
         sch.unroll(rj)
         sch.vectorize(oi)  # before decompose_reduction: vectorize needs the complete block
-    init = sch.decompose_reduction(conv, ry)
+    init = sch.decompose_reduction(conv, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])
     if intrin is not None:
         sch.tensorize(oi, intrin)

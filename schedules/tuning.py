@@ -3,7 +3,9 @@
 The search space of a tvmq kernel is its default schedule with the free choices left open:
 the schedule rule ``tvmq_qconv2d_pairs`` is registered with MetaSchedule
 (``s_tir.meta_schedule.<target key>.<rule>``, called for blocks carrying that rule) and
-returns one design space per register tile that fits (output-channel blocks x columns); the
+returns one design space per choice of ``schedules.default.conv_schedules``: register tile
+that fits the target's vector registers (output-channel blocks x columns), reduction order
+(taps or input channels outermost), parallel loop (channel tiles x rows, or rows); the
 evolutionary search, guided by the XGBoost cost model, measures them on the target (locally, or
 on a board over RPC). The default tile is one of the candidates, so a tuned kernel is never
 slower than the default as measured.
@@ -24,7 +26,7 @@ from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from schedules.default import conv_loop_extents, register_tiles, ruled_blocks, schedule_conv_pairs
+from schedules.default import conv_loop_extents, conv_schedules, ruled_blocks, schedule_conv_pairs
 from schedules.targets import host_target
 
 SHIPPED = Path(__file__).parent / "tuned"  # databases tuned for the zoo on known CPUs
@@ -42,9 +44,10 @@ def _conv_spaces(target_of_key):
     def rule(sch: s_tir.Schedule, block) -> list[s_tir.Schedule]:
         target = target_of_key()
         spaces = []
-        for tile in register_tiles(*conv_loop_extents(sch, block)):
+        lanes = int(sch.get(block).annotations["tvmq_block"])
+        for choice in conv_schedules(*conv_loop_extents(sch, block), target, lanes):
             space = sch.copy()
-            schedule_conv_pairs(space, block, target, tile=tile)
+            schedule_conv_pairs(space, block, target, choice)
             spaces.append(space)
         return spaces
     return rule

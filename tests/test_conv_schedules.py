@@ -1,0 +1,65 @@
+"""The conv schedule's tuning space: every choice (register tile, reduction order, parallel
+loop) fits the target's registers and computes the same integers as the default."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir, te
+
+from schedules.default import (ConvSchedule, conv_loop_extents, conv_schedules,
+                               register_tiles, schedule_conv_pairs)
+from schedules.targets import resolve
+from topi_ops.conv2d import Conv2dParams, pack_conv2d, qconv2d
+
+HOST = resolve("x86")
+
+
+def test_tiles_fit_the_registers():
+    avx2 = resolve({"kind": "llvm", "mcpu": "haswell"})
+    avx512 = resolve({"kind": "llvm", "mcpu": "icelake-server"})
+    a72 = resolve("arm")
+    # 16 ymm: b x c accumulators + b weights + 1 broadcast
+    assert max(b * c + b + 1 for b, c in register_tiles(8, 56, avx2)) <= 16
+    assert (4, 4) in register_tiles(8, 56, avx512, 16)  # 32 zmm hold a 4 x 4 tile
+    assert (4, 4) not in register_tiles(8, 56, avx2)
+    # NEON: 8 int32 lanes take 2 q registers
+    assert max(2 * b * (c + 1) + 1 for b, c in register_tiles(8, 56, a72)) <= 32
+    assert register_tiles(3, 7, avx2) == [(1, 1), (1, 7)]
+
+
+def _kernel(choice, nonneg=True):
+    c, o, hw = 32, 64, 14
+    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True, nonneg=nonneg)
+    rng = np.random.default_rng(0)
+    w = rng.integers(-128, 128, (o, c, 3, 3)).astype(np.int8)
+    wp, bp = pack_conv2d(w, rng.integers(-999, 999, o).astype(np.int32), params, HOST)
+    data = te.placeholder((1, hw, hw, c), "int8", "data")
+    wt, bt = te.placeholder(wp.shape, str(wp.dtype), "w"), te.placeholder(bp.shape, "int32", "b")
+    out = qconv2d(data, wt, bt, weight_shape=w.shape, params=params, target=HOST, layout="NHWC")
+    sch = s_tir.Schedule(te.create_prim_func([data, wt, bt, out]))
+    conv = sch.get_sblock("tvmq_conv_acc")
+    if choice == "space":
+        return conv_schedules(*conv_loop_extents(sch, conv), HOST, int(wp.shape[4]))
+    schedule_conv_pairs(sch, conv, HOST, choice)
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=HOST)
+    x = rng.integers(0 if nonneg else -128, 128, (1, hw, hw, c)).astype(np.int8)
+    result = tvm.runtime.tensor(np.zeros((1, hw, hw, o), np.int8))
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(wp), tvm.runtime.tensor(bp), result)
+    return result.numpy()
+
+
+def test_every_choice_computes_the_default_result():
+    space = _kernel("space")
+    assert {c.reduce_order for c in space} == {"taps", "channels"}
+    assert {c.parallel for c in space} == {"channels", "rows"}
+    want = _kernel(None)
+    assert (want == 0).any() and (want == 127).any()  # ReLU floor and saturation both hit
+    rng = np.random.default_rng(1)
+    for choice in [space[0], space[-1], *rng.choice(space, 4, replace=False)]:
+        np.testing.assert_array_equal(_kernel(choice), want, err_msg=str(choice))
+
+
+def test_unknown_choice_is_refused():
+    with pytest.raises(ValueError, match="unknown conv schedule"):
+        ConvSchedule((1, 1), reduce_order="sideways")
