@@ -11,8 +11,15 @@ with TVM 0.27 wants their operands as ``<32 x i16>`` / ``<64 x i8>`` (older LLVM
 
 ``tvmq_dot_8x2_i16_avx2``: ``C[0:8] += A[0:2] . B[0:8, 0:2]`` on int16 inputs and int32
 accumulators, one ``vpmaddwd`` (exact: each int32 lane is the sum of two int16 x int16
-products, which cannot overflow) plus one ``vpaddd``. ``vpmaddubsw`` is deliberately not
-used: it saturates at int16 and is wrong for full-range int8 operands.
+products, which cannot overflow) plus one ``vpaddd``.
+
+``tvmq_dot_8x4_u8i8_avx2``: ``C[0:8] += A[0:4] . B[0:8, 0:4]`` with u8 A and s8 B, for AVX2
+hosts without VNNI: ``vpmaddubsw`` (u8 x s8, adjacent products summed into int16 with
+saturation), ``vpmaddwd`` by ones (int16 pairs -> int32) and ``vpaddd``; twice the products
+of ``vpmaddwd`` per instruction. Exact ONLY when A <= 127 (an int8 input known to be >= 0,
+``Conv2dParams.nonneg``): a pair sum then lies in [2*127*(-128), 2*127*127] = [-32512,
+32258], inside int16. It is wrong for full-range u8 (or int8 + 128) operands, where it
+saturates.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ DOT_8X2_AVX2 = "tvmq_dot_8x2_i16_avx2"
 DOT_16X2_VNNI = "tvmq_dot_16x2_i16_avx512vnni"
 DOT_16X4_VNNI = "tvmq_dot_16x4_u8i8_avx512vnni"
 DOT_8X4_SDOT = "tvmq_dot_8x4_i8_sdot"
+DOT_8X4_AVX2 = "tvmq_dot_8x4_u8i8_avx2"
 
 
 def _dot_desc(lanes: int, group: int, a_dtype: str, b_dtype: str):
@@ -78,6 +86,27 @@ TensorIntrin.register(DOT_16X2_VNNI, *_dot(16, 2, "int16", "int16",
                                            "llvm.x86.avx512.vpdpwssd.512", True), override=True)
 TensorIntrin.register(DOT_16X4_VNNI, *_dot(16, 4, "uint8", "int8",
                                            "llvm.x86.avx512.vpdpbusd.512", True), override=True)
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x4_avx2(A: T.Buffer((4,), "uint8", offset_factor=1),
+                  B: T.Buffer((8, 4), "int8", offset_factor=1),
+                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8),
+                          dtype="uint8x32")
+        pairs = T.call_llvm_pure_intrin(  # u8 x s8 pair sums, int16: exact for A <= 127
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a,
+            B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
+        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs,
+            T.broadcast(T.int16(1), 16), dtype="int32x8")
+
+
+TensorIntrin.register(DOT_8X4_AVX2, _dot_desc(8, 4, "uint8", "int8"), _dot_8x4_avx2,
+                      override=True)
 
 
 @T.prim_func(s_tir=True)

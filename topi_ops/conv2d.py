@@ -8,7 +8,9 @@ innermost step is "B output channels += G input channels", one instruction of th
 (``conv_layout``): int16 pairs (G = 2, B = 8) for AVX2 ``vpmaddwd`` and NEON ``smlal``; u8 x s8
 quads (G = 4, B = 16) for AVX-512 VNNI ``vpdpbusd``, the data offset by +128 and ``128 *
 sum(w)`` taken out of the bias at build time, unless the input is known to be >= 0
-(``Conv2dParams.nonneg``: after a ReLU the int8 bytes already are valid u8); s8 quads (G = 4,
+(``Conv2dParams.nonneg``: after a ReLU the int8 bytes already are valid u8); on AVX2 without
+VNNI, u8 x s8 quads (G = 4, B = 8, ``vpmaddubsw`` + ``vpmaddwd`` by ones) for inputs known to
+be >= 0 only (u8 <= 127 keeps its saturating int16 pair sums exact); s8 quads (G = 4,
 B = 8) for ARMv8.2 ``sdot`` (Pi 5). All are exact integer arithmetic. The accumulator
 ``[N, OH, OW, O']`` keeps its tile in registers, and the shift requantization is the epilogue
 of the same loop nest, stored straight into an NHWC output. A 1x1 conv without padding packs
@@ -40,22 +42,27 @@ PAIRS = ConvLayout(8, 2, "int16")  # AVX2 vpmaddwd, NEON smlal: int16 pairs, 8 i
 VNNI_PAIRS = ConvLayout(16, 2, "int16")  # AVX-512 VNNI vpdpwssd
 VNNI_QUADS = ConvLayout(16, 4, "uint8")  # AVX-512 VNNI vpdpbusd: u8 (x + 128) x s8
 SDOT_QUADS = ConvLayout(8, 4, "int8")  # ARMv8.2 dotprod sdot: s8 x s8, two sdot per block
+AVX2_QUADS = ConvLayout(8, 4, "uint8")  # AVX2 vpmaddubsw + vpmaddwd: u8 (x >= 0) x s8
 
 
-def conv_layout(target) -> ConvLayout:
-    """The packing the target's integer dot-product instruction wants."""
+def conv_layout(target, nonneg: bool = False) -> ConvLayout:
+    """The packing the target's integer dot-product instruction wants; ``nonneg``: the input
+    is known to lie in [0, 127] (AVX2 without VNNI then takes u8 quads)."""
     if target is None or target.kind.name != "llvm":
         return PAIRS
     has = tvm.target.codegen.llvm_cpu_has_features
     if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
         return SDOT_QUADS if has("dotprod", target) else PAIRS
-    return VNNI_QUADS if has("avx512vnni", target) and has("avx512bw", target) else PAIRS
+    if has("avx512vnni", target) and has("avx512bw", target):
+        return VNNI_QUADS
+    return AVX2_QUADS if nonneg and has("avx2", target) else PAIRS
 
 
 def data_layout(weight_shape, target) -> ConvLayout:
-    """The layout of a packed weight ``[O/B, KH, KW, C/G, B, G]`` (with the data dtype)."""
+    """The layout of a packed weight ``[O/B, KH, KW, C/G, B, G]`` (with the data dtype; the
+    target tells (8, 4) apart: AVX2 u8 quads on x86, sdot s8 quads on aarch64)."""
     block, group = int(weight_shape[4]), int(weight_shape[5])
-    for layout in (conv_layout(target), PAIRS, VNNI_PAIRS):
+    for layout in (conv_layout(target), conv_layout(target, nonneg=True), PAIRS, VNNI_PAIRS):
         if (layout.block, layout.group) == (block, group):
             return layout
     raise ValueError(f"no conv layout packs weights as {tuple(weight_shape)}")
@@ -107,9 +114,9 @@ def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, targ
     if params.groups != 1:
         return [weight.astype(np.int8), bias.astype(np.int32)]
     o, c, kh, kw = weight.shape
-    layout = conv_layout(target)
+    layout = conv_layout(target, params.nonneg)
     if layout.data == "uint8" and 255 * 128 * c * kh * kw >= 2**31:  # u8 sums could overflow
-        layout = VNNI_PAIRS
+        layout = PAIRS if layout == AVX2_QUADS else VNNI_PAIRS
     block, group = layout.block, layout.group
     ob, cg = -(-o // block), -(-c // group)
     w = np.zeros((ob * block, cg * group, kh, kw), np.int16 if group == 2 else np.int8)
@@ -153,8 +160,12 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tenso
     oh, ow = output_hw((h, w), (kh, kw), params)
     # int16 pairs, s8 quads, or u8 quads (x + 128, unless x is known to be >= 0; padding is
     # x = 0, i.e. the offset, as the bias correction of pack_conv2d assumes)
-    dtype = data_layout(weight.shape, target).data
+    packing = data_layout(weight.shape, target)
+    dtype = packing.data
     offset = U8_OFFSET if dtype == "uint8" and not params.nonneg else 0
+    if packing == AVX2_QUADS and not (params.nonneg and 0 <= pad <= 127):
+        # vpmaddubsw's int16 pair sums are exact only for u8 operands <= 127
+        raise ValueError("AVX2 u8 quads need an input (and padding) known to lie in [0, 127]")
 
     def element(b, ch, y, x):
         return data[b, y, x, ch] if nhwc else data[b, ch, y, x]
