@@ -224,6 +224,14 @@ def _is_activation(expr: relax.Expr) -> bool:
 
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+DATA_MOVES = ("relax.reshape", "relax.permute_dims", "relax.squeeze", "relax.expand_dims",
+              "relax.flatten")
+
+
+def _moves_data(expr: relax.Expr) -> bool:
+    """An op that only moves values (its output's integers are its input's)."""
+    return (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op)
+            and expr.op.name in DATA_MOVES and isinstance(expr.args[0], relax.Var))
 
 
 @mutator
@@ -291,6 +299,12 @@ class _CompositeLowerer(PyExprMutator):
 
     def visit_var_binding_(self, binding) -> None:
         found = self._composite(binding.value)
+        if found is None and _moves_data(binding.value):  # a reshape keeps its input's range
+            value = self.visit_expr(binding.value)
+            new = self._bind(binding.var, value)
+            if value.args[0] in self.ranges:
+                self.ranges[new] = self.ranges[value.args[0]]
+            return
         if found is None:
             super().visit_var_binding_(binding)
             return

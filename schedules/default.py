@@ -12,6 +12,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from schedules.bitserial import schedule_bitserial_conv2d
+from schedules.grouped import schedule_conv_grouped
 from schedules.elementwise import SCHEDULED, is_scheduled, schedule_loop_nest
 from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_SDOT, DOT_16X2_VNNI,
                                   DOT_16X4_VNNI)
@@ -143,7 +144,8 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
             schedule_loop_nest(sch, sch.get_sblock(name), target)
 
 
-RULES = {"tvmq_qconv2d_pairs": schedule_conv_pairs, "tvmq_bitserial_conv2d": schedule_bitserial_conv2d}
+RULES = {"tvmq_qconv2d_pairs": schedule_conv_pairs, "tvmq_qconv2d_grouped": schedule_conv_grouped,
+         "tvmq_bitserial_conv2d": schedule_bitserial_conv2d}
 
 
 def ruled_blocks(sch: s_tir.Schedule) -> list:

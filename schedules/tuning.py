@@ -5,7 +5,8 @@ the schedule rule ``tvmq_qconv2d_pairs`` is registered with MetaSchedule
 (``s_tir.meta_schedule.<target key>.<rule>``, called for blocks carrying that rule) and
 returns one design space per choice of ``schedules.default.conv_schedules``: register tile
 that fits the target's vector registers (output-channel blocks x columns), reduction order
-(taps or input channels outermost), parallel loop (channel tiles x rows, or rows); the
+(taps or input channels outermost), parallel loop (channel tiles x rows, or rows); grouped
+and depthwise convs (``tvmq_qconv2d_grouped``) one per vector width x column tile; the
 evolutionary search, guided by the XGBoost cost model, measures them on the target (locally, or
 on a board over RPC). The default tile is one of the candidates, so a tuned kernel is never
 slower than the default as measured.
@@ -27,6 +28,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from schedules.default import conv_loop_extents, conv_schedules, ruled_blocks, schedule_conv_pairs
+from schedules.grouped import grouped_extents, grouped_schedules, schedule_conv_grouped
 from schedules.targets import host_target
 
 SHIPPED = Path(__file__).parent / "tuned"  # databases tuned for the zoo on known CPUs
@@ -40,14 +42,27 @@ class TuningDatabaseError(ValueError):
 
 
 # ----------------------------------------------------------------------------- search space
-def _conv_spaces(target_of_key):
+def _conv_choices(sch, block, target):
+    lanes = int(sch.get(block).annotations["tvmq_block"])
+    return conv_schedules(*conv_loop_extents(sch, block), target, lanes)
+
+
+def _grouped_choices(sch, block, target):
+    return grouped_schedules(*grouped_extents(sch, block))
+
+
+# schedule rule -> (its choices for a block, the schedule that applies one)
+SPACES = {CONV_RULE: (_conv_choices, schedule_conv_pairs),
+          "tvmq_qconv2d_grouped": (_grouped_choices, schedule_conv_grouped)}
+
+
+def _spaces(choices, schedule, target_of_key):
     def rule(sch: s_tir.Schedule, block) -> list[s_tir.Schedule]:
         target = target_of_key()
         spaces = []
-        lanes = int(sch.get(block).annotations["tvmq_block"])
-        for choice in conv_schedules(*conv_loop_extents(sch, block), target, lanes):
+        for choice in choices(sch, block, target):
             space = sch.copy()
-            schedule_conv_pairs(space, block, target, choice)
+            schedule(space, block, target, choice)
             spaces.append(space)
         return spaces
     return rule
@@ -68,8 +83,9 @@ def register_rules() -> None:
     """Make MetaSchedule call tvmq's conv space for blocks tagged ``tvmq_qconv2d_pairs``.
     Idempotent; also run in MetaSchedule's builder worker processes."""
     for key, target_of in (("cpu", _x86_target), ("arm_cpu", _arm_target)):
-        tvm.register_global_func(f"s_tir.meta_schedule.{key}.{CONV_RULE}",
-                                 _conv_spaces(target_of), override=True)
+        for name, (choices, schedule) in SPACES.items():
+            tvm.register_global_func(f"s_tir.meta_schedule.{key}.{name}",
+                                     _spaces(choices, schedule, target_of), override=True)
 
 
 register_rules()

@@ -63,3 +63,54 @@ def test_every_choice_computes_the_default_result():
 def test_unknown_choice_is_refused():
     with pytest.raises(ValueError, match="unknown conv schedule"):
         ConvSchedule((1, 1), reduce_order="sideways")
+
+
+def _grouped(choice, groups=16, c=16, o=32, hw=10):
+    from schedules.grouped import grouped_extents, grouped_schedules, schedule_conv_grouped
+
+    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), groups, 6, False)
+    rng = np.random.default_rng(2)
+    w = rng.integers(-128, 128, (o, c // groups, 3, 3)).astype(np.int8)
+    w[0] = -128
+    wp, bp = pack_conv2d(w, rng.integers(-999, 999, o).astype(np.int32), params, HOST)
+    data = te.placeholder((1, hw, hw, c), "int8", "data")
+    wt, bt = te.placeholder(wp.shape, "int8", "w"), te.placeholder(bp.shape, "int32", "b")
+    out = qconv2d(data, wt, bt, weight_shape=w.shape, params=params, target=HOST, layout="NHWC")
+    sch = s_tir.Schedule(te.create_prim_func([data, wt, bt, out]))
+    conv = sch.get_sblock("tvmq_conv_grouped_acc")
+    if choice == "space":
+        return grouped_schedules(*grouped_extents(sch, conv))
+    schedule_conv_grouped(sch, conv, HOST, choice)
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=HOST)
+    x = rng.integers(-128, 128, (1, hw, hw, c)).astype(np.int8)
+    x[0, :3] = -128  # with w[0] = -128: the largest products
+    result = tvm.runtime.tensor(np.zeros((1, hw, hw, o), np.int8))
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(wp), tvm.runtime.tensor(bp), result)
+    return result.numpy()
+
+
+@pytest.mark.parametrize("groups", [16, 4], ids=["depthwise-x2", "grouped"])
+def test_every_grouped_choice_computes_the_default_result(groups):
+    space = _grouped("space", groups)
+    assert len({c.lanes for c in space}) >= 2 and len({c.cols for c in space}) >= 2
+    want = _grouped(None, groups)
+    assert (want == 127).any() and (want == -128).any()
+    for choice in space:
+        np.testing.assert_array_equal(_grouped(choice, groups), want, err_msg=str(choice))
+
+
+def test_depthwise_conv_is_tuned(tmp_path):
+    """MetaSchedule tunes a depthwise conv through tvmq's grouped space (a task, records)."""
+    import torch
+
+    from tests.conftest import OpModule
+    from tvmq.tune import tune
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-128, 128, (32, 1, 3, 3), generator=gen, dtype=torch.int8)
+    b = torch.zeros(32, dtype=torch.int32)
+    m = OpModule(lambda x, w, b: torch.ops.tvmq.qconv2d(x, w, b, [1, 1], [1, 1, 1, 1], [1, 1],
+                                                        32, 0, 7, True, 8), w, b)
+    program = torch.export.export(m, (torch.zeros(1, 32, 16, 16, dtype=torch.int8),))
+    summary = tune(program, "x86", tmp_path / "db", trials=4)
+    assert len(summary["tasks"]) == 1 and summary["tasks"][0]["best_ms"] > 0

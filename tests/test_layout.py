@@ -105,3 +105,16 @@ def test_nchw_only_kernel_gets_its_layout():
     mod = lowered_main(m, torch.zeros(1, 8, 6, 6, dtype=torch.int8))
     # in: NCHW int8 parameter -> NHWC; out: NHWC -> NCHW for the dequantize
     assert len(permutes(mod)) == 2
+
+
+def test_range_survives_the_flatten():
+    """pool -> flatten -> linear: the linear's input is known >= 0 through the reshape, so
+    its bias has no u8 offset either."""
+    gen = torch.Generator().manual_seed(0)
+    wt, b = int8(10, 16, gen=gen), torch.randint(-99, 99, (10,), generator=gen, dtype=torch.int32)
+    m = OpModule(lambda x, w, b: ops.qlinear(
+        torch.flatten(ops.qavg_pool2d(ops.qrelu(x), [4, 4], [4, 4], 8), 1), w, b, 0, 5, False, 8),
+        wt, b)
+    mod = lowered_main(m, torch.zeros(1, 16, 4, 4, dtype=torch.int8))
+    [(_, args)] = calls(mod, "tvmq_qdense")
+    np.testing.assert_array_equal(args[2].value.numpy(), b.numpy())

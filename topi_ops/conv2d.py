@@ -15,7 +15,7 @@ B = 8) for ARMv8.2 ``sdot`` (Pi 5). All are exact integer arithmetic. The accumu
 ``[N, OH, OW, O']`` keeps its tile in registers, and the shift requantization is the epilogue
 of the same loop nest, stored straight into an NHWC output. A 1x1 conv without padding packs
 only the pixels it reads (every s-th for stride s). Grouped and depthwise convolutions use a
-direct NCHW loop nest.
+direct NHWC loop nest whose output channels are the vector lanes (``schedules.grouped``).
 """
 from __future__ import annotations
 
@@ -110,9 +110,11 @@ def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, targ
     """OIHW int8 -> ``[O/B, KH, KW, C/G, B, G]`` (zero-padded; ``conv_layout``) for dense
     convs: int16 pairs (G = 2), or int8 quads (G = 4) whose data side is offset to u8, the
     offset's contribution ``128 * sum(w)`` taken out of the bias here, exactly. Grouped
-    convs keep OIHW. The bias is int32 at the accumulator's exponent."""
+    convs take ``[KH, KW, C/groups, O]``: a vector of output channels is one load. The bias
+    is int32 at the accumulator's exponent."""
     if params.groups != 1:
-        return [weight.astype(np.int8), bias.astype(np.int32)]
+        return [np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).astype(np.int8),
+                bias.astype(np.int32)]
     o, c, kh, kw = weight.shape
     layout = conv_layout(target, params.nonneg)
     if layout.data == "uint8" and 255 * 128 * c * kh * kw >= 2**31:  # u8 sums could overflow
@@ -213,30 +215,35 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tenso
 
 
 def _qconv2d_grouped(data, weight, bias, weight_shape, params, epilogue, pad, layout):
-    if layout == "NHWC":  # direct loop nest on NCHW: transposes in and out (no schedule yet)
-        nchw = te.compute((data.shape[0], data.shape[3], data.shape[1], data.shape[2]),
-                          lambda b, ch, y, x: data[b, y, x, ch], name="tvmq_conv_to_nchw")
-        out = _qconv2d_grouped(nchw, weight, bias, weight_shape, params, epilogue, pad, "NCHW")
-        return te.compute((out.shape[0], out.shape[2], out.shape[3], out.shape[1]),
-                          lambda b, y, x, ch: out[b, ch, y, x], name="tvmq_conv_to_nhwc")
-    n, c, h, w = (int(v) for v in data.shape)
+    """Grouped and depthwise convs: a direct loop nest on NHWC, output channels innermost
+    (``schedules.grouped``), weights ``[KH, KW, C/groups, O]`` (``pack_conv2d``). NCHW data
+    is transposed in and out."""
+    if layout == "NCHW":
+        n, c, h, w = (int(v) for v in data.shape)
+        nhwc = te.compute((n, h, w, c), lambda b, y, x, ch: data[b, ch, y, x],
+                          name="tvmq_conv_to_nhwc")
+        out = _qconv2d_grouped(nhwc, weight, bias, weight_shape, params, epilogue, pad, "NHWC")
+        n, oh, ow, o = (int(v) for v in out.shape)
+        return te.compute((n, o, oh, ow), lambda b, oc, y, x: out[b, y, x, oc],
+                          name="tvmq_conv_to_nchw")
+    n, h, w, c = (int(v) for v in data.shape)
     o, cg, kh, kw = weight_shape
     og = o // params.groups
     pt, pl, pb, pr = params.padding
     (sh, sw), (dh, dw) = params.strides, params.dilation
     oh, ow = output_hw((h, w), (kh, kw), params)
     padded = te.compute(
-        (n, c, h + pt + pb, w + pl + pr),
-        lambda b, ch, y, x: tirx.if_then_else(
+        (n, h + pt + pb, w + pl + pr, c),
+        lambda b, y, x, ch: tirx.if_then_else(
             tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w),
-            data[b, ch, y - pt, x - pl], tirx.const(pad, "int8")),
+            data[b, y - pt, x - pl, ch], tirx.const(pad, "int8")),
         name="tvmq_conv_pad")
-    rc, ry, rx = te.reduce_axis((0, cg), "rc"), te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, cg), "rc")
     acc = te.compute(
-        (n, o, oh, ow),
-        lambda b, oc, y, x: te.sum(
-            padded[b, (oc // og) * cg + rc, y * sh + ry * dh, x * sw + rx * dw].astype("int32")
-            * weight[oc, rc, ry, rx].astype("int32"), axis=[rc, ry, rx]),
-        name="tvmq_conv_grouped_acc")
-    return te.compute(acc.shape, lambda b, oc, y, x: epilogue(acc[b, oc, y, x] + bias[oc], oc),
+        (n, oh, ow, o),
+        lambda b, y, x, oc: te.sum(
+            (padded[b, y * sh + ry * dh, x * sw + rx * dw, (oc // og) * cg + rc].astype("int16")
+             * weight[ry, rx, rc, oc].astype("int16")).astype("int32"), axis=[ry, rx, rc]),
+        name="tvmq_conv_grouped_acc", attrs={"schedule_rule": "tvmq_qconv2d_grouped"})
+    return te.compute(acc.shape, lambda b, y, x, oc: epilogue(acc[b, y, x, oc] + bias[oc], oc),
                       name="tvmq_conv_grouped_requant")

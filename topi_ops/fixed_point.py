@@ -61,7 +61,7 @@ def _epilogue(acc, channel, mult, shift, p: AffineConvParams):
 def qconv2d_affine(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, mult: te.Tensor,
                    shift: te.Tensor, *, weight_shape, params: AffineConvParams,
                    target=None, layout: str = "NCHW") -> te.Tensor:
-    """data [N, C, H, W] int8; weight packed by ``topi_ops.conv2d.pack_conv2d`` (OIHW for
+    """data [N, C, H, W] int8; weight packed by ``topi_ops.conv2d.pack_conv2d`` ([KH, KW, C/g, O] for
     grouped convs); bias [O] int32 with ``x_zp * Σw`` already taken out; mult, shift [O]
     int32 -> [N, O, OH, OW] int8. tvmq's int8 conv (same blocks, same schedule and tuning)
     with the padding at the input's zero point and the fixed-point epilogue."""
