@@ -40,22 +40,26 @@ PAIRS = ConvLayout(8, 2, "int16")  # AVX2 vpmaddwd, NEON smlal: int16 pairs, 8 i
 VNNI_PAIRS = ConvLayout(16, 2, "int16")  # AVX-512 VNNI vpdpwssd
 VNNI_QUADS = ConvLayout(16, 4, "uint8")  # AVX-512 VNNI vpdpbusd: u8 (x + 128) x s8
 SDOT_QUADS = ConvLayout(8, 4, "int8")  # ARMv8.2 dotprod sdot: s8 x s8, two sdot per block
+# Cortex-A72 (no dotprod), input known >= 0: 8-bit smull + smlal (two products per int16
+# lane, within 2 * 127 * 128) + sadalp; the same packing as SDOT_QUADS, told apart by target
+NEON_QUADS = ConvLayout(8, 4, "int8")
 
 
-def conv_layout(target) -> ConvLayout:
-    """The packing the target's integer dot-product instruction wants."""
+def conv_layout(target, nonneg: bool = False) -> ConvLayout:
+    """The packing the target's integer dot-product instruction wants (``nonneg``: the
+    conv's input is known to lie in [0, 127])."""
     if target is None or target.kind.name != "llvm":
         return PAIRS
     has = tvm.target.codegen.llvm_cpu_has_features
     if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
-        return SDOT_QUADS if has("dotprod", target) else PAIRS
+        return SDOT_QUADS if has("dotprod", target) else NEON_QUADS if nonneg else PAIRS
     return VNNI_QUADS if has("avx512vnni", target) and has("avx512bw", target) else PAIRS
 
 
 def data_layout(weight_shape, target) -> ConvLayout:
     """The layout of a packed weight ``[O/B, KH, KW, C/G, B, G]`` (with the data dtype)."""
     block, group = int(weight_shape[4]), int(weight_shape[5])
-    for layout in (conv_layout(target), PAIRS, VNNI_PAIRS):
+    for layout in (conv_layout(target), conv_layout(target, nonneg=True), PAIRS, VNNI_PAIRS):
         if (layout.block, layout.group) == (block, group):
             return layout
     raise ValueError(f"no conv layout packs weights as {tuple(weight_shape)}")
@@ -107,7 +111,7 @@ def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, targ
     if params.groups != 1:
         return [weight.astype(np.int8), bias.astype(np.int32)]
     o, c, kh, kw = weight.shape
-    layout = conv_layout(target)
+    layout = conv_layout(target, params.nonneg)
     if layout.data == "uint8" and 255 * 128 * c * kh * kw >= 2**31:  # u8 sums could overflow
         layout = VNNI_PAIRS
     block, group = layout.block, layout.group
