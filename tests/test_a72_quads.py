@@ -189,3 +189,16 @@ def test_signed_conv_keeps_int16_pairs():
     loop = hot_loop(conv_body(relu_conv_assembly(False)), "smlal2?")
     assert re.search(r"\bsmlal2?\s+v\d+\.4s, v\d+\.(4h|8h)", loop), "no 16-bit smlal"
     assert not re.search(r"\b(sadalp|smull2?\s+v\d+\.8h)", loop)
+
+
+# ----------------------------------------------------------------------------- estimate
+def test_share_of_peak_estimate():
+    """llvm-mca's A72 peak (8 int8 MACs/cycle: the one multiply pipe, 8 products per 8-bit
+    smull/smlal) and the 8-bit kernel's share of it, above the int16 pairs' (estimates)."""
+    from schedules.estimate import a72_peak_macs_per_cycle, a72_share_of_peak
+
+    peaks = a72_peak_macs_per_cycle()
+    assert 7 <= peaks["peak"] <= 8.01 and 3.5 <= peaks["int16 smlal"] <= 4.01
+    (row,) = a72_share_of_peak([(64, 14)])
+    assert row["pairs_share"] < 0.5 + 1e-9 < row["quads8_share"] <= 1.0
+    assert row["speedup"] > 1.5
