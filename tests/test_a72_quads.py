@@ -202,3 +202,40 @@ def test_share_of_peak_estimate():
     (row,) = a72_share_of_peak([(64, 14)])
     assert row["pairs_share"] < 0.5 + 1e-9 < row["quads8_share"] <= 1.0
     assert row["speedup"] > 1.5
+
+
+# ----------------------------------------------------------------------------- a model
+def test_resnet20_int_se_on_pi(emulated_pi):
+    """A whole ResNet-20 (INT-SE, calibrated) for the Pi 4: its convs after a ReLU take the
+    8-bit quads, the stem (signed input) the int16 pairs; bit-exact on the emulated board."""
+    import tvmq
+    from deploy import remote
+    from tvm import relax
+    from tvmq import zoo
+    from tvmq.compile import export_library
+
+    torch.manual_seed(0)
+    qat = tvmq.prepare(zoo.resnet20(), "int-se")
+    tvmq.calibrate(qat, [torch.randn(4, 3, 32, 32) for _ in range(2)])
+    deploy = tvmq.convert(qat).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ex = compile_relax(import_exported_program(torch.export.export(deploy, (x,))), ARM)
+    (lib,) = [lib for lib in ex.mod.imports if lib.kind == "llvm"] or ex.mod.imports[:1]
+    asm = lib.inspect_source("s")
+    assert re.search(r"\bsadalp\s+v\d+\.4s, v\d+\.8h", asm)  # 8-bit quads
+    assert re.search(r"\bsmlal2?\s+v\d+\.4s, v\d+\.(4h|8h)", asm)  # int16 pairs (the stem)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_library(ex, ARM, str(Path(tmp) / "r20.so"))
+        gc.collect()
+        board = remote.connect(emulated_pi.address)
+        board.session.upload(str(Path(tmp) / "r20.so"))
+        dev = board.session.cpu()
+        vm = relax.VirtualMachine(board.session.load_module("r20.so"), dev)
+        vm.set_input("main", tvm.runtime.tensor(x.numpy(), dev))
+        vm.invoke_stateful("main")
+        got = torch.from_numpy(vm.get_outputs("main").numpy())
+        del vm
+        board.close()
+    want = deploy(x)
+    assert want.std() > 0  # not a constant output
+    assert_bit_exact(got, want)
