@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import s_tir, te
+from tvm import te
 
 from schedules.default import apply_default_schedules
 from schedules.targets import resolve
