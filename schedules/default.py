@@ -14,8 +14,8 @@ from tvm import s_tir, tirx
 from schedules.bitserial import schedule_bitserial_conv2d
 from schedules.grouped import schedule_conv_grouped
 from schedules.elementwise import SCHEDULED, is_scheduled, schedule_loop_nest
-from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_SDOT, DOT_16X2_VNNI,
-                                  DOT_16X4_VNNI)
+from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_NEON_S8, DOT_8X4_SDOT,
+                                  DOT_16X2_VNNI, DOT_16X4_VNNI)
 from schedules.targets import has_feature
 
 def register_tile(out_blocks: int, width: int) -> tuple[int, int]:
@@ -128,6 +128,8 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     quads8 = DOT_8X4_AVX2 if u8 and has_feature(target, "avx2") else DOT_8X4_SDOT
     intrin = {(16, 4): DOT_16X4_VNNI, (16, 2): DOT_16X2_VNNI, (8, 4): quads8}.get(
         (lanes, group), DOT_8X2_AVX2 if has_feature(target, "avx2") else None)
+    if intrin == DOT_8X4_SDOT and not has_feature(target, "dotprod"):  # A72, input >= 0
+        intrin = DOT_8X4_NEON_S8  # s8 quads without sdot: 8-bit smull + smlal + sadalp
     if intrin is None:  # NEON pairs and others: 8 int32 lanes, widening multiply-accumulate
         sch.reorder(rj, oi)
         sch.unroll(rj)

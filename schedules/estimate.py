@@ -260,8 +260,9 @@ RESNET18_3X3 = [  # (channels, height/width): the 3x3 stride-1 convs of each Res
     (64, 56), (128, 28), (256, 14), (512, 7)]
 
 
-def int8_conv_module(channels: int, hw: int, target) -> tvm.IRModule:
-    """tvmq's int8 conv (``topi_ops.conv2d`` + ``schedules.default``) for a 3x3 same conv."""
+def int8_conv_module(channels: int, hw: int, target, nonneg: bool = False) -> tvm.IRModule:
+    """tvmq's int8 conv (``topi_ops.conv2d`` + ``schedules.default``) for a 3x3 same conv
+    (``nonneg``: its input known >= 0, as after a ReLU: the A72's 8-bit quads)."""
     import numpy as np
     from tvm import te
 
@@ -269,7 +270,7 @@ def int8_conv_module(channels: int, hw: int, target) -> tvm.IRModule:
     from schedules.elementwise import SCHEDULED
     from topi_ops.conv2d import Conv2dParams, pack_conv2d, qconv2d
 
-    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 8, False)
+    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 8, False, nonneg=nonneg)
     rng = np.random.default_rng(0)
     w = rng.integers(-128, 128, (channels, channels, 3, 3)).astype(np.int8)
     wp, bp = pack_conv2d(w, np.zeros(channels, np.int32), params, target)
@@ -281,15 +282,74 @@ def int8_conv_module(channels: int, hw: int, target) -> tvm.IRModule:
     return tvm.IRModule({"main": sch.mod["main"].with_attr(SCHEDULED, True)})
 
 
-def int8_signature(channels: int, hw: int, target) -> tuple[str, int]:
+def int8_signature(channels: int, hw: int, target, nonneg: bool = False) -> tuple[str, int]:
     """NEON int16 pairs: per 8 output channels x 2 input channels x tap x pixel, one
-    ``smlal`` + one ``smlal2`` (8 int32 lanes)."""
-    from topi_ops.conv2d import PAIRS, conv_layout
+    ``smlal`` + one ``smlal2`` (8 int32 lanes). A72 8-bit quads (``nonneg``): per 8 output
+    channels x 4 input channels, 2 ``smull`` + 2 ``smlal`` (+ 2 ``sadalp``)."""
+    from topi_ops.conv2d import NEON_QUADS, PAIRS, conv_layout
 
-    if conv_layout(target) != PAIRS:
-        raise EstimateError("int8_signature knows the NEON int16-pair kernel only")
-    steps = -(-channels // 8) * hw * hw * 9 * -(-channels // 2) * 2
-    return r"smlal2?|smull2?", steps * 2
+    layout = conv_layout(target, nonneg)
+    if layout not in (PAIRS, NEON_QUADS) or has_dotprod(target):
+        raise EstimateError("int8_signature knows the NEON int16-pair and 8-bit quad kernels only")
+    steps = -(-channels // 8) * hw * hw * 9 * -(-channels // layout.group)
+    return r"smlal2?|smull2?", steps * 4
+
+
+def has_dotprod(target) -> bool:
+    return bool(tvm.target.codegen.llvm_cpu_has_features("dotprod", tvm.target.Target(target)))
+
+
+# MACs (int8 x int8 products accumulated exactly into int32) per instruction of each NEON
+# sequence an A72 kernel can use, and the loop body llvm-mca measures for the peak: eight
+# independent chains (accumulators v24-v31, products v16-v23) so that latency does not bind.
+PEAK_SEQUENCES = {
+    # int16 x int16 -> int32 (today's pairs): 4 products per smlal
+    "int16 smlal": (4, ["smlal v{acc}.4s, v0.4h, v1.4h"]),
+    # 8-bit, input >= 0: two products per int16 lane, then folded into int32
+    "8-bit smull+smlal+sadalp": (16 / 3, ["smull v{t}.8h, v0.8b, v1.8b",
+                                          "smlal v{t}.8h, v2.8b, v3.8b",
+                                          "sadalp v{acc}.4s, v{t}.8h"]),
+    # 8-bit, any signs: one product per int16 lane (never overflows), then folded
+    "8-bit smull+sadalp": (4, ["smull v{t}.8h, v0.8b, v1.8b", "sadalp v{acc}.4s, v{t}.8h"]),
+}
+
+
+def a72_peak_macs_per_cycle(mcpu: str = "cortex-a72") -> dict:
+    """The A72's int8 multiply-accumulate peak by the same tool as the kernel estimates:
+    llvm-mca on a loop of independent copies of each exact NEON sequence
+    (``PEAK_SEQUENCES``). Returns ``{sequence: MACs/cycle}`` plus ``peak`` (the best) and
+    ``sequence`` (which one)."""
+    rates = {}
+    for name, (per_instr, seq) in PEAK_SEQUENCES.items():
+        body = [ins.format(t=16 + j, acc=24 + j) for j in range(8) for ins in seq]
+        rates[name] = per_instr * len(body) / mca_cycles_per_iteration(body, mcpu)
+    best = max(rates, key=rates.get)
+    return {**rates, "peak": rates[best], "sequence": best}
+
+
+def a72_share_of_peak(layers=RESNET18_3X3) -> list[dict]:
+    """Per ResNet-18 3x3 conv: estimated A72 cycles of the int16-pair kernel (input of any
+    sign) and of the 8-bit quad kernel (input >= 0), their MACs/cycle and share of
+    :func:`a72_peak_macs_per_cycle`: of the whole conv loop nest (with its requantize
+    epilogue; data packing apart) and of the hot loop alone. An estimate (llvm-mca)."""
+    from schedules.targets import resolve
+
+    arm = resolve("arm")
+    peak = a72_peak_macs_per_cycle()["peak"]
+    rows = []
+    for c, hw in layers:
+        macs = c * c * 9 * hw * hw
+        row = {"layer": f"{c}->{c} 3x3 @{hw}x{hw}", "macs": macs, "peak": peak}
+        for key, nonneg in (("pairs", False), ("quads8", True)):
+            est = estimate_cycles(int8_conv_module(c, hw, arm, nonneg), arm,
+                                  int8_signature(c, hw, arm, nonneg))
+            hot_macs = macs / est["trips"]  # products per hot-loop iteration
+            row[key] = est["cycles"]
+            row[f"{key}_share"] = macs / est["cycles"] / peak
+            row[f"{key}_hot_share"] = hot_macs / est["hot_loop_cycles_per_iter"] / peak
+        row["speedup"] = row["pairs"] / row["quads8"]
+        rows.append(row)
+    return rows
 
 
 def bitserial_conv_module(channels: int, hw: int, terms: int, target, abits: int = 2):
@@ -439,6 +499,17 @@ if __name__ == "__main__":
         print(f"{'':>22}  int8 {r['int8'] / 1e6:8.2f} M   bitserial K=1 "
               f"{r['bitserial_k1'] / 1e6:7.2f} M ({r['ratio_k1']:.2f}x)   K=2 "
               f"{r['bitserial_k2'] / 1e6:7.2f} M ({r['ratio_k2']:.2f}x)")
+    peaks = a72_peak_macs_per_cycle()
+    print(f"\nCortex-A72 int8 MAC peak, {METHOD}: {peaks['peak']:.2f} MACs/cycle "
+          f"({peaks['sequence']}; " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()
+                                                if k in PEAK_SEQUENCES and k != peaks['sequence'])
+          + ")")
+    print(f"{'':>22}  conv loop nest (estimate): M cycles, % of peak (hot loop alone)")
+    for r in a72_share_of_peak():
+        print(f"{r['layer']:>22}  int16 pairs {r['pairs'] / 1e6:7.2f} M {100 * r['pairs_share']:5.1f}% "
+              f"({100 * r['pairs_hot_share']:5.1f}%)   8-bit quads (input >= 0) "
+              f"{r['quads8'] / 1e6:7.2f} M {100 * r['quads8_share']:5.1f}% "
+              f"({100 * r['quads8_hot_share']:5.1f}%)   {r['speedup']:.2f}x")
     if "--host" in sys.argv:
         cpu = tvm.target.codegen.llvm_get_system_cpu()
         print(f"\nthis machine ({cpu}), TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}: "

@@ -127,3 +127,55 @@ def _dot_8x4_sdot(A: T.Buffer((4,), "int8", offset_factor=1),
 
 TensorIntrin.register(DOT_8X4_SDOT, _dot_desc(8, 4, "int8", "int8"), _dot_8x4_sdot,
                       override=True)
+
+
+# ------------------------------------------------------------ Cortex-A72: 8-bit smull/smlal
+DOT_8X4_NEON_S8 = "tvmq_dot_8x4_i8_smull_sadalp"
+
+_SMULL = "llvm.aarch64.neon.smull.v8i16"
+_SADDLP = "llvm.aarch64.neon.saddlp.v4i32.v8i16"
+
+
+@T.macro
+def _smull_smlal_sadalp(C, c0, w01, w23, a01, a23, lo):
+    # int16 lane 2i+j = w[c0+i, j] a[j] + w[c0+i, j+2] a[j+2] (smull + smlal), within
+    # 2 * 127 * 128 because a >= 0; sadalp: int32 lane i += int16 lanes 2i, 2i+1
+    C[T.ramp(c0, 1, 4)] = C[T.ramp(c0, 1, 4)] + T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id(_SADDLP),
+        T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL),
+                                T.Shuffle([w01], [lo, lo + 1, lo + 2, lo + 3, lo + 4, lo + 5,
+                                                  lo + 6, lo + 7]),
+                                T.Shuffle([a01], [lo, lo + 1, lo + 2, lo + 3, lo + 4, lo + 5,
+                                                  lo + 6, lo + 7]), dtype="int16x8")
+        + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL),
+                                  T.Shuffle([w23], [lo, lo + 1, lo + 2, lo + 3, lo + 4, lo + 5,
+                                                    lo + 6, lo + 7]),
+                                  T.Shuffle([a23], [lo, lo + 1, lo + 2, lo + 3, lo + 4, lo + 5,
+                                                    lo + 6, lo + 7]),
+                                  dtype="int16x8"),
+        dtype="int32x4")
+
+
+@T.prim_func(s_tir=True)
+def _dot_8x4_smull(A: T.Buffer((4,), "int8", offset_factor=1),
+                   B: T.Buffer((8, 4), "int8", offset_factor=1),
+                   C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        # A's byte pairs (a0 a1), (a2 a3), each broadcast to 8 int16 lanes
+        a01 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x2"), dtype="int16"), 8),
+                            dtype="int8x16")
+        a23 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([2], "int8x2"), dtype="int16"), 8),
+                            dtype="int8x16")
+        # B's rows (i, k0..k3) deinterleaved by byte pair (one ld2 .8h): w01 = (i, k0 k1)
+        # and w23 = (i, k2 k3) for i = 0..7
+        w = T.reinterpret(B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
+        w01 = T.reinterpret(T.Shuffle([w], [0, 2, 4, 6, 8, 10, 12, 14]), dtype="int8x16")
+        w23 = T.reinterpret(T.Shuffle([w], [1, 3, 5, 7, 9, 11, 13, 15]), dtype="int8x16")
+        _smull_smlal_sadalp(C, 0, w01, w23, a01, a23, 0)  # smull + smlal, lanes 0..3
+        _smull_smlal_sadalp(C, 4, w01, w23, a01, a23, 8)  # smull2 + smlal2, lanes 4..7
+
+
+TensorIntrin.register(DOT_8X4_NEON_S8, _dot_desc(8, 4, "int8", "int8"), _dot_8x4_smull,
+                      override=True)

@@ -4,16 +4,23 @@ requantize -> int8, NCHW or NHWC (the layout the lowered graph keeps between lay
 Dense convolutions (groups == 1) run on small groups of input channels, innermost in both
 operands: the data is packed inside the kernel to ``[N, Hp, Wp, C/G, G]`` (padded; from NHWC
 a contiguous copy) and the weights at build time to ``[O/B, KH, KW, C/G, B, G]``, so the
-innermost step is "B output channels += G input channels", one instruction of the target
-(``conv_layout``): int16 pairs (G = 2, B = 8) for AVX2 ``vpmaddwd`` and NEON ``smlal``; u8 x s8
-quads (G = 4, B = 16) for AVX-512 VNNI ``vpdpbusd``, the data offset by +128 and ``128 *
-sum(w)`` taken out of the bias at build time, unless the input is known to be >= 0
-(``Conv2dParams.nonneg``: after a ReLU the int8 bytes already are valid u8); on AVX2 without
-VNNI, u8 x s8 quads (G = 4, B = 8, ``vpmaddubsw`` + ``vpmaddwd`` by ones) for inputs known to
-be >= 0 only (u8 <= 127 keeps its saturating int16 pair sums exact); s8 quads (G = 4,
-B = 8) for ARMv8.2 ``sdot`` (Pi 5). All are exact integer arithmetic. The accumulator
-``[N, OH, OW, O']`` keeps its tile in registers, and the shift requantization is the epilogue
-of the same loop nest, stored straight into an NHWC output. A 1x1 conv without padding packs
+innermost step is "B output channels += G input channels", one instruction sequence of the
+target (``conv_layout``):
+
+- AVX-512 VNNI: u8 x s8 quads (G = 4, B = 16), ``vpdpbusd``; a signed input is offset by
+  +128 and ``128 * sum(w)`` taken out of the bias at build time, an input known to be >= 0
+  (``Conv2dParams.nonneg``: after a ReLU its int8 bytes are valid u8) needs no offset;
+- AVX2: u8 x s8 quads (G = 4, B = 8), ``vpmaddubsw`` + ``vpmaddwd`` by ones, for inputs known
+  to be >= 0 (u8 <= 127 keeps the saturating int16 pair sums exact); int16 pairs (G = 2,
+  B = 8), ``vpmaddwd``, where the input can be negative;
+- Cortex-A72 (Pi 4): s8 quads, 8-bit ``smull`` + ``smlal`` + ``sadalp`` for inputs known to be
+  >= 0 (two products per int16 lane stay within 2 x 127 x 128); NEON int16 pairs (``smlal``)
+  otherwise;
+- Cortex-A76 (Pi 5): s8 quads (G = 4, B = 8), two ``sdot`` per block.
+
+All are exact integer arithmetic. The accumulator ``[N, OH, OW, O']`` keeps its tile in
+registers, and the shift requantization is the epilogue of the same loop nest, stored
+straight into an NHWC output. A 1x1 conv without padding packs
 only the pixels it reads (every s-th for stride s). Grouped and depthwise convolutions use a
 direct NHWC loop nest whose output channels are the vector lanes (``schedules.grouped``).
 """
@@ -43,16 +50,20 @@ VNNI_PAIRS = ConvLayout(16, 2, "int16")  # AVX-512 VNNI vpdpwssd
 VNNI_QUADS = ConvLayout(16, 4, "uint8")  # AVX-512 VNNI vpdpbusd: u8 (x + 128) x s8
 SDOT_QUADS = ConvLayout(8, 4, "int8")  # ARMv8.2 dotprod sdot: s8 x s8, two sdot per block
 AVX2_QUADS = ConvLayout(8, 4, "uint8")  # AVX2 vpmaddubsw + vpmaddwd: u8 (x >= 0) x s8
+# Cortex-A72 (no dotprod), input known >= 0: 8-bit smull + smlal (two products per int16
+# lane, within 2 * 127 * 128) + sadalp; the same packing as SDOT_QUADS, told apart by target
+NEON_QUADS = ConvLayout(8, 4, "int8")
 
 
 def conv_layout(target, nonneg: bool = False) -> ConvLayout:
     """The packing the target's integer dot-product instruction wants; ``nonneg``: the input
-    is known to lie in [0, 127] (AVX2 without VNNI then takes u8 quads)."""
+    is known to lie in [0, 127] (then AVX2 without VNNI takes u8 quads, ``vpmaddubsw``, and
+    the A72 s8 quads, 8-bit ``smull``/``smlal``/``sadalp``: both exact only on such inputs)."""
     if target is None or target.kind.name != "llvm":
         return PAIRS
     has = tvm.target.codegen.llvm_cpu_has_features
     if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
-        return SDOT_QUADS if has("dotprod", target) else PAIRS
+        return SDOT_QUADS if has("dotprod", target) else NEON_QUADS if nonneg else PAIRS
     if has("avx512vnni", target) and has("avx512bw", target):
         return VNNI_QUADS
     return AVX2_QUADS if nonneg and has("avx2", target) else PAIRS
