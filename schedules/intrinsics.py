@@ -20,6 +20,10 @@ of ``vpmaddwd`` per instruction. Exact ONLY when A <= 127 (an int8 input known t
 ``Conv2dParams.nonneg``): a pair sum then lies in [2*127*(-128), 2*127*127] = [-32512,
 32258], inside int16. It is wrong for full-range u8 (or int8 + 128) operands, where it
 saturates.
+
+``tvmq_dot_8x4_i8_smull_sadalp``: the same step on s8 for the Pi 4's Cortex-A72 (no dot
+product): per half block, 8-bit ``smull`` + ``smlal`` (two products per int16 lane) then
+``sadalp`` into 4 int32 lanes; exact only for A in [0, 127] (|lane| <= 2*127*128).
 """
 from __future__ import annotations
 
