@@ -114,3 +114,21 @@ def test_depthwise_conv_is_tuned(tmp_path):
     program = torch.export.export(m, (torch.zeros(1, 32, 16, 16, dtype=torch.int8),))
     summary = tune(program, "x86", tmp_path / "db", trials=4)
     assert len(summary["tasks"]) == 1 and summary["tasks"][0]["best_ms"] > 0
+
+
+@pytest.mark.parametrize("hw,parallel", [(14, "rows"), (7, "channels")])
+def test_default_shares_rows_only_when_every_core_gets_several(hw, parallel):
+    from schedules.default import default_conv_schedule
+
+    two_cores = resolve({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
+    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True, nonneg=True)
+    w = np.zeros((32, 16, 3, 3), np.int8)
+    wp, bp = pack_conv2d(w, np.zeros(32, np.int32), params, two_cores)
+    data = te.placeholder((1, hw, hw, 16), "int8", "data")
+    wt, bt = te.placeholder(wp.shape, str(wp.dtype), "w"), te.placeholder(bp.shape, "int32", "b")
+    out = qconv2d(data, wt, bt, weight_shape=w.shape, params=params, target=two_cores,
+                  layout="NHWC")
+    sch = s_tir.Schedule(te.create_prim_func([data, wt, bt, out]))
+    conv = sch.get_sblock("tvmq_conv_acc")
+    choice = default_conv_schedule(sch, conv, two_cores, conv_loop_extents(sch, conv))
+    assert choice.parallel == parallel
