@@ -81,9 +81,12 @@ def default_conv_schedule(sch: s_tir.Schedule, conv, target, extents) -> ConvSch
 
 
 def conv_schedules(out_blocks: int, width: int, target=None, lanes: int = 8) -> list[ConvSchedule]:
-    """The tuning space of one conv: every register tile x reduction order x parallel loop."""
+    """The tuning space of one conv: every register tile with enough accumulators to cover
+    the multiply-add's latency (>= 4, where the row allows) x reduction order x parallel loop."""
+    tiles = register_tiles(out_blocks, width, target, lanes)
+    enough = min(4, max(b * c for b, c in tiles))
     return [ConvSchedule(tile, order, par)
-            for tile in register_tiles(out_blocks, width, target, lanes)
+            for tile in tiles if tile[0] * tile[1] >= enough
             for order in ("taps", "channels") for par in ("channels", "rows")]
 
 
