@@ -14,8 +14,8 @@ from tvm import s_tir, tirx
 from schedules.bitserial import schedule_bitserial_conv2d
 from schedules.grouped import schedule_conv_grouped
 from schedules.elementwise import SCHEDULED, is_scheduled, schedule_loop_nest
-from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_NEON_S8, DOT_8X4_SDOT,
-                                  DOT_16X2_VNNI, DOT_16X4_VNNI)
+from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, DOT_8X4_NEON_S8,
+                                  DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI)
 from schedules.targets import has_feature
 
 def register_tile(out_blocks: int, width: int) -> tuple[int, int]:
@@ -137,9 +137,11 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     sch.vectorize(rq_loops[-1])
     # the instruction of the layout topi_ops.conv2d.conv_layout chose
     lanes, group = int(sch.get(oi).extent), int(sch.get(rj).extent)
-    # (8, 4): u8 data on AVX2 (vpmaddubsw, input >= 0), s8 data on aarch64 dotprod (sdot)
+    # (8, 4): u8 data on AVX-VNNI (vpdpbusd ymm) or AVX2 (vpmaddubsw, input >= 0), s8 data
+    # on aarch64 dotprod (sdot)
     u8 = any(str(r.source.dtype) == "uint8" for r in sch.get(conv).reads)
-    quads8 = DOT_8X4_AVX2 if u8 and has_feature(target, "avx2") else DOT_8X4_SDOT
+    quads8 = DOT_8X4_SDOT if not u8 else (
+        DOT_8X4_AVXVNNI if has_feature(target, "avxvnni") else DOT_8X4_AVX2)
     intrin = {(16, 4): DOT_16X4_VNNI, (16, 2): DOT_16X2_VNNI, (8, 4): quads8}.get(
         (lanes, group), DOT_8X2_AVX2 if has_feature(target, "avx2") else None)
     if intrin == DOT_8X4_SDOT and not has_feature(target, "dotprod"):  # A72, input >= 0

@@ -6,6 +6,7 @@ lanes). ``tvmq_dot_16x4_u8i8_avx512vnni``: ``C[0:16] += A[0:4] . B[0:16, 0:4]`` 
 and s8 B, one ``vpdpbusd`` (exact: four u8 x s8 products summed in int32). The LLVM bundled
 with TVM 0.27 wants their operands as ``<32 x i16>`` / ``<64 x i8>`` (older LLVMs took
 ``<16 x i32>``; TVM's own shipped ``vpdpbusd`` intrinsic still passes those and fails).
+``tvmq_dot_8x4_u8i8_avxvnni``: the same on 8 lanes, one 256-bit ``vpdpbusd`` (AVX-VNNI).
 ``tvmq_dot_8x4_i8_sdot``: ``C[0:8] += A[0:4] . B[0:8, 0:4]`` on s8, two ARMv8.2 ``sdot``
 (each: 4 int32 lanes += a 4-byte dot product), for the Pi 5's Cortex-A76.
 
@@ -33,6 +34,7 @@ from tvm.script import tirx as T
 DOT_8X2_AVX2 = "tvmq_dot_8x2_i16_avx2"
 DOT_16X2_VNNI = "tvmq_dot_16x2_i16_avx512vnni"
 DOT_16X4_VNNI = "tvmq_dot_16x4_u8i8_avx512vnni"
+DOT_8X4_AVXVNNI = "tvmq_dot_8x4_u8i8_avxvnni"
 DOT_8X4_SDOT = "tvmq_dot_8x4_i8_sdot"
 DOT_8X4_AVX2 = "tvmq_dot_8x4_u8i8_avx2"
 
@@ -90,6 +92,9 @@ TensorIntrin.register(DOT_16X2_VNNI, *_dot(16, 2, "int16", "int16",
                                            "llvm.x86.avx512.vpdpwssd.512", True), override=True)
 TensorIntrin.register(DOT_16X4_VNNI, *_dot(16, 4, "uint8", "int8",
                                            "llvm.x86.avx512.vpdpbusd.512", True), override=True)
+# AVX-VNNI (VEX, 256-bit) shares LLVM's 256-bit vpdpbusd intrinsic with AVX-512 VNNI + VL
+TensorIntrin.register(DOT_8X4_AVXVNNI, *_dot(8, 4, "uint8", "int8",
+                                             "llvm.x86.avx512.vpdpbusd.256", True), override=True)
 
 
 @T.prim_func(s_tir=True)

@@ -52,6 +52,31 @@ def test_avx512_vnni_conv_uses_vpdpbusd():
     assert re.search(r"vpdpbusd\s+.*zmm", body), "no 512-bit vpdpbusd"
 
 
+AVXVNNI_CPU = {"kind": "llvm", "mcpu": "alderlake", "num-cores": 2}  # AVX-VNNI, no AVX-512
+
+
+def test_avx_vnni_conv_uses_256_bit_vpdpbusd():
+    """Alder Lake and later: u8 quads on 8 lanes, the VEX ``vpdpbusd`` on ymm (signed input:
+    the +128 offset, like AVX-512 VNNI); no zmm."""
+    body = conv_body(conv_assembly(AVXVNNI_CPU))
+    assert re.search(r"vpdpbusd\s+.*ymm", body) and "zmm" not in body
+
+
+@pytest.mark.skipif(not has_feature(resolve("x86"), "avxvnni"),
+                    reason="this host has no AVX-VNNI: its kernels cannot run here (the"
+                           " assembly is checked above on every host)")
+def test_avx_vnni_conv_exact_on_this_host():
+    from tests.conftest import assert_bit_exact, run_tvm
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = int8(1, 16, 8, 8, gen=gen), int8(16, 16, 3, 3, gen=gen)
+    x[0, :, :2], w[0] = -128, -128
+    b = torch.zeros(16, dtype=torch.int32)
+    m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1, 2, 7,
+                                             False, 8), w, b)
+    assert_bit_exact(run_tvm(m, x, target=AVXVNNI_CPU), m(x))
+
+
 def test_avx512_vnni_long_reduction_uses_vpdpwssd():
     # 7320 channels x 3x3: u8 x s8 sums could pass 2^31, so the int16-pair layout is used
     body = conv_body(conv_assembly(VNNI_CPU, channels=7320))

@@ -10,6 +10,8 @@ target (``conv_layout``):
 - AVX-512 VNNI: u8 x s8 quads (G = 4, B = 16), ``vpdpbusd``; a signed input is offset by
   +128 and ``128 * sum(w)`` taken out of the bias at build time, an input known to be >= 0
   (``Conv2dParams.nonneg``: after a ReLU its int8 bytes are valid u8) needs no offset;
+- AVX-VNNI without AVX-512 (Alder Lake and later): the same u8 quads on 8 lanes (``vpdpbusd``
+  ymm);
 - AVX2: u8 x s8 quads (G = 4, B = 8), ``vpmaddubsw`` + ``vpmaddwd`` by ones, for inputs known
   to be >= 0 (u8 <= 127 keeps the saturating int16 pair sums exact); int16 pairs (G = 2,
   B = 8), ``vpmaddwd``, where the input can be negative;
@@ -38,21 +40,24 @@ from topi_ops.requantize import clamp, requantize, round_shift
 
 class ConvLayout(NamedTuple):
     """How a dense conv is packed: ``block`` output channels (one accumulator vector) by
-    ``group`` input channels (one multiply-add step), and the dtype the data is packed to."""
+    ``group`` input channels (one multiply-add step), the dtype the data is packed to, and
+    the instruction sequence (layouts that pack alike differ by it)."""
 
     block: int
     group: int
     data: str
+    instruction: str
 
 
-PAIRS = ConvLayout(8, 2, "int16")  # AVX2 vpmaddwd, NEON smlal: int16 pairs, 8 int32 lanes
-VNNI_PAIRS = ConvLayout(16, 2, "int16")  # AVX-512 VNNI vpdpwssd
-VNNI_QUADS = ConvLayout(16, 4, "uint8")  # AVX-512 VNNI vpdpbusd: u8 (x + 128) x s8
-SDOT_QUADS = ConvLayout(8, 4, "int8")  # ARMv8.2 dotprod sdot: s8 x s8, two sdot per block
-AVX2_QUADS = ConvLayout(8, 4, "uint8")  # AVX2 vpmaddubsw + vpmaddwd: u8 (x >= 0) x s8
+PAIRS = ConvLayout(8, 2, "int16", "vpmaddwd/smlal")  # AVX2, NEON: int16 pairs, 8 int32 lanes
+VNNI_PAIRS = ConvLayout(16, 2, "int16", "vpdpwssd")  # AVX-512 VNNI
+VNNI_QUADS = ConvLayout(16, 4, "uint8", "vpdpbusd")  # AVX-512 VNNI: u8 (x + 128) x s8
+AVXVNNI_QUADS = ConvLayout(8, 4, "uint8", "vpdpbusd-ymm")  # AVX-VNNI (no AVX-512): the same, 8 lanes
+SDOT_QUADS = ConvLayout(8, 4, "int8", "sdot")  # ARMv8.2 dotprod: s8 x s8, two sdot per block
+AVX2_QUADS = ConvLayout(8, 4, "uint8", "vpmaddubsw")  # AVX2 vpmaddubsw + vpmaddwd: u8 (x >= 0) x s8
 # Cortex-A72 (no dotprod), input known >= 0: 8-bit smull + smlal (two products per int16
-# lane, within 2 * 127 * 128) + sadalp; the same packing as SDOT_QUADS, told apart by target
-NEON_QUADS = ConvLayout(8, 4, "int8")
+# lane, within 2 * 127 * 128) + sadalp; the same packing as SDOT_QUADS
+NEON_QUADS = ConvLayout(8, 4, "int8", "smull-sadalp")
 
 
 def conv_layout(target, nonneg: bool = False) -> ConvLayout:
@@ -66,6 +71,8 @@ def conv_layout(target, nonneg: bool = False) -> ConvLayout:
         return SDOT_QUADS if has("dotprod", target) else NEON_QUADS if nonneg else PAIRS
     if has("avx512vnni", target) and has("avx512bw", target):
         return VNNI_QUADS
+    if has("avxvnni", target):
+        return AVXVNNI_QUADS
     return AVX2_QUADS if nonneg and has("avx2", target) else PAIRS
 
 
@@ -129,7 +136,7 @@ def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, targ
     o, c, kh, kw = weight.shape
     layout = conv_layout(target, params.nonneg)
     if layout.data == "uint8" and 255 * 128 * c * kh * kw >= 2**31:  # u8 sums could overflow
-        layout = PAIRS if layout == AVX2_QUADS else VNNI_PAIRS
+        layout = VNNI_PAIRS if layout == VNNI_QUADS else PAIRS
     block, group = layout.block, layout.group
     ob, cg = -(-o // block), -(-c // group)
     w = np.zeros((ob * block, cg * group, kh, kw), np.int16 if group == 2 else np.int8)
