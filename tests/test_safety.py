@@ -310,7 +310,7 @@ def test_wheel_holds_every_package_and_the_board_runtime_sources(tmp_path):
     for need in ("tvmq/deploy/__init__.py", "tvmq/deploy/__main__.py", "tvmq/deploy/emulate.py",
                  "deploy/runtime/src/server/rpc_server.cc",
                  "deploy/runtime/include/tvm/support/serializer.h",
-                 "schedules/tuned/resnet20-x86-rocketlake/tvmq.json"):
+                 "schedules/tuned/resnet20-x86-znver4/tvmq.json"):
         assert need in names, f"{need} is not in the wheel"
     assert not [n for n in names if n.startswith("tests/")]
     # installed from the wheel alone (no repository on the path), tvmq imports
