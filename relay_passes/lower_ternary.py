@@ -32,7 +32,9 @@ def fold_terms(terms: np.ndarray, term_shift: np.ndarray) -> np.ndarray:
 
 @channels_last
 def _lower_int8_fold(bb, args, attrs, target, node, input_range):
-    stride, padding, dilation, groups, lo, hi, _in_bits = attrs
+    stride, padding, dilation, groups, lo, hi, in_bits = attrs
+    if 1 <= in_bits <= 7:  # the op's input is unsigned in_bits (the bit-serial premise)
+        input_range = (max(input_range[0], 0), min(input_range[1], (1 << in_bits) - 1))
     x, terms, term_shift, bias, shift = args
     weight = fold_terms(_constant(terms, "the terms", node),
                         _constant(term_shift, "the term shifts", node))

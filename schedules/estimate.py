@@ -274,9 +274,10 @@ def int8_conv_module(channels: int, hw: int, target, nonneg: bool = False) -> tv
     rng = np.random.default_rng(0)
     w = rng.integers(-128, 128, (channels, channels, 3, 3)).astype(np.int8)
     wp, bp = pack_conv2d(w, np.zeros(channels, np.int32), params, target)
-    data = te.placeholder((1, channels, hw, hw), "int8", "data")
+    data = te.placeholder((1, hw, hw, channels), "int8", "data")  # NHWC, as the model runs it
     wt, bt = te.placeholder(wp.shape, str(wp.dtype), "w"), te.placeholder(bp.shape, "int32", "b")
-    out = qconv2d(data, wt, bt, weight_shape=w.shape, params=params, target=target)
+    out = qconv2d(data, wt, bt, weight_shape=w.shape, params=params, target=target,
+                  layout="NHWC")
     sch = s_tir.Schedule(te.create_prim_func([data, wt, bt, out]))
     schedule_conv_pairs(sch, sch.get_sblock("tvmq_conv_acc"), target)
     return tvm.IRModule({"main": sch.mod["main"].with_attr(SCHEDULED, True)})
@@ -382,9 +383,9 @@ def bitserial_signature(channels: int, hw: int, terms: int, target) -> tuple[str
     return "uadalp|uaddlp", channels * hw * hw * terms * 9 * words
 
 
-def pack_stage_cycles(channels: int, hw: int, target, kind: str) -> float:
-    """Estimated cycles of the per-inference data packing stage of the int8 kernel (int16
-    pairs) or of the bit-serial kernel (bit planes), for a 3x3 same conv."""
+def pack_stage_cycles(channels: int, hw: int, target, kind: str, nonneg: bool = False) -> float:
+    """Estimated cycles of the per-inference data packing stage of the int8 kernel (a padded
+    NHWC copy) or of the bit-serial kernel (bit planes), for a 3x3 same conv."""
     import numpy as np
     from tvm import te
 
@@ -393,12 +394,13 @@ def pack_stage_cycles(channels: int, hw: int, target, kind: str) -> float:
 
     data = te.placeholder((1, channels, hw, hw), "int8", "data")
     if kind == "int8":
-        params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 8, False)
+        params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 8, False, nonneg=nonneg)
         w = np.zeros((channels, channels, 3, 3), np.int8)
         wp, bp = pack_conv2d(w, np.zeros(channels, np.int32), params, target)
-        out = qconv2d(data, te.placeholder(wp.shape, str(wp.dtype)),
+        out = qconv2d(te.placeholder((1, hw, hw, channels), "int8", "data"),
+                      te.placeholder(wp.shape, str(wp.dtype)),
                       te.placeholder(bp.shape, "int32"), weight_shape=w.shape, params=params,
-                      target=target)
+                      target=target, layout="NHWC")
         return stage_cycles(out, "tvmq_conv_data_pack", target)["cycles"]
     _, packed = bitserial_conv_module(channels, hw, 1, target)
     out = qconv2d_bitserial(data, *[te.placeholder(a.shape, str(a.dtype)) for a in packed],
@@ -409,16 +411,23 @@ def pack_stage_cycles(channels: int, hw: int, target, kind: str) -> float:
 
 def resnet18_estimates(layers=RESNET18_3X3, terms=(1, 2)) -> list[dict]:
     """Estimated A72 cycles of the int8 kernel and the bit-serial kernel per layer: the conv
-    loop nest (with its fused requantization) plus the data packing stage of each."""
+    loop nest (with its fused requantization) plus the data packing stage of each. The int8
+    kernel is the one such a layer gets: its input is unsigned (the bit-serial kernel's
+    premise), so 8-bit ``smull``/``sadalp`` quads; with its share of the A72's int8 MAC peak
+    (:func:`a72_peak_macs_per_cycle`, the same tool)."""
     from schedules.targets import resolve
 
     arm = resolve("arm")
+    peak = a72_peak_macs_per_cycle()["peak"]
     rows = []
     for c, hw in layers:
-        pack8, pack_bits = pack_stage_cycles(c, hw, arm, "int8"), pack_stage_cycles(c, hw, arm, "bits")
+        pack8 = pack_stage_cycles(c, hw, arm, "int8", nonneg=True)
+        pack_bits = pack_stage_cycles(c, hw, arm, "bits")
+        conv8 = estimate_cycles(int8_conv_module(c, hw, arm, nonneg=True), arm,
+                                int8_signature(c, hw, arm, nonneg=True))["cycles"]
         row = {"layer": f"{c}->{c} 3x3 @{hw}x{hw}", "int8_pack": pack8, "bitserial_pack": pack_bits,
-               "int8": pack8 + estimate_cycles(int8_conv_module(c, hw, arm), arm,
-                                               int8_signature(c, hw, arm))["cycles"]}
+               "int8": pack8 + conv8, "int8_peak_share": c * c * 9 * hw * hw / conv8 / peak,
+               "peak_macs_per_cycle": peak}
         for k in terms:
             row[f"bitserial_k{k}"] = pack_bits + estimate_cycles(
                 bitserial_conv_module(c, hw, k, arm)[0], arm,
