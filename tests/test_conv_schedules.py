@@ -53,6 +53,7 @@ def test_every_choice_computes_the_default_result():
     space = _kernel("space")
     assert {c.reduce_order for c in space} == {"taps", "channels"}
     assert {c.parallel for c in space} == {"channels", "rows"}
+    assert {c.pack_per_row for c in space} == {False, True}
     want = _kernel(None)
     assert (want == 0).any() and (want == 127).any()  # ReLU floor and saturation both hit
     rng = np.random.default_rng(1)

@@ -15,7 +15,6 @@ pass llvm-mca also gives (``measure_clock``).
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -292,11 +291,12 @@ def peak_gmacs(threads: int, target=None, accumulators: int | None = None,
       microarchitecture (``mca_model``: icelake-server issues 2 ``vpdpbusd`` zmm a cycle,
       Zen 4 one): it is reported, and the peak is the measured rate.
     Kernels on other units (AMX tiles) are not bounded by it. Use the kernels' ``threads``
-    (the TVM pool must have them: set TVM_NUM_THREADS before the first TVM call)."""
+    (the TVM pool must have them: the caller sets TVM_NUM_THREADS before the first TVM call,
+    as ``tvmq.bench_layers`` does for its child process; this function never changes the
+    environment of the process it runs in)."""
     import tvm
 
     target = resolve_target(target)
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
     ins = mac_instruction(target)
     n = accumulators or default_accumulators(ins)
     lib = tvm.compile(peak_func(target, threads, n, iters), target=target)
