@@ -66,7 +66,7 @@ def mca_cycles_per_iteration(lines: list[str], mcpu: str = "cortex-a72",
 
 def asm_loops(asm: str) -> tuple[list[str], list[tuple[int, int, str]]]:
     """(lines, loops): each loop is (first line, last line, label) from a label to the last
-    backward branch to it."""
+    backward branch to it (aarch64 ``b``/``b.cond``/``cbz``/``tbz`` or x86 ``jcc``)."""
     lines = asm.splitlines()
     labels = {}
     for i, ln in enumerate(lines):
@@ -75,7 +75,8 @@ def asm_loops(asm: str) -> tuple[list[str], list[tuple[int, int, str]]]:
             labels[m.group(1)] = i
     ends: dict[str, int] = {}
     for i, ln in enumerate(lines):
-        m = re.match(r"^\s+(?:b\.\w+|b|cbnz|cbz|tbnz|tbz)\s+(?:.*,\s*)?(\.L\w+)\s*$", ln)
+        m = re.match(r"^\s+(?:b\.\w+|b|cbnz|cbz|tbnz|tbz|j\w+)\s+(?:.*,\s*)?(\.L\w+)\s*(#.*)?$",
+                     ln)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
             ends[m.group(1)] = i
     return lines, sorted((labels[k], e, k) for k, e in ends.items())

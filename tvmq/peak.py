@@ -138,26 +138,14 @@ def _body(line: str) -> str | None:
     return s.strip()
 
 
-def asm_loops(asm: str) -> tuple[list[str], list[tuple[int, int, str]]]:
-    """x86 (AT&T) loops of an assembly listing: (first line, last line, label) from a label
-    to the last backward jump to it."""
-    lines = asm.splitlines()
-    labels = {m.group(1): i for i, ln in enumerate(lines)
-              if (m := re.match(r"^(\.?[\w$.]+):", ln))}
-    ends: dict[str, int] = {}
-    for i, ln in enumerate(lines):
-        m = re.match(r"^\s+j\w+\s+(\.L\w+)\s*(#.*)?$", ln)
-        if m and m.group(1) in labels and labels[m.group(1)] < i:
-            ends[m.group(1)] = i
-    return lines, sorted((labels[k], e, k) for k, e in ends.items())
-
-
 def _count(instrs: list[str], mnemonic: str) -> int:
     return sum(1 for b in instrs if b.split()[0] == mnemonic)
 
 
 def innermost_loop(asm: str, mnemonic: str) -> tuple[str, list[str]]:
     """(label, instructions) of the innermost loop holding the most ``mnemonic``."""
+    from schedules.estimate import asm_loops
+
     lines, loops = asm_loops(asm)
     innermost = [lp for lp in loops
                  if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
