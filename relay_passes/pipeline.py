@@ -8,6 +8,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from relay_passes.fuse_epilogues import FuseConvEpilogues
 from relay_passes.lower_composites import LowerTvmqComposites
 from relay_passes.verify_integer import VerifyIntegerOnly
 
@@ -23,7 +24,8 @@ def lowering_passes(target: tvm.target.Target, plan: dict | None = None) -> list
 
 
 def legalize_passes(target: tvm.target.Target) -> list:
-    """Phase 2: remaining Relax ops (reshapes) to TIR, constant folding, operator fusion."""
-    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+    """Phase 2: each conv takes its residual add into its epilogue; remaining Relax ops
+    (reshapes) to TIR, constant folding, operator fusion."""
+    return [FuseConvEpilogues(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(),
             relax.transform.FuseTIR(), relax.transform.DeadCodeElimination(["main"])]

@@ -14,7 +14,7 @@ from tvm import s_tir, tirx
 
 from schedules.bitserial import schedule_bitserial_conv2d
 from schedules.grouped import schedule_conv_grouped
-from schedules.elementwise import SCHEDULED, is_scheduled, schedule_loop_nest
+from schedules.elementwise import SCHEDULED, inline_epilogue, is_scheduled, schedule_loop_nest
 from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, DOT_8X4_NEON_S8,
                                   DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI)
 from schedules.targets import has_feature
@@ -131,6 +131,7 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         sch.compute_inline(blocks["tvmq_dense_as_image"])
         sch.reverse_compute_inline(blocks["tvmq_dense_out"])
     requant = sch.get_sblock("tvmq_conv_requant")
+    inline_epilogue(sch, blocks.get("tvmq_conv_unpack", requant))
     extents = conv_loop_extents(sch, conv)
     n, y, x, ob, oi, ry, rx, rc, rj = split_channels(sch, conv)
     choice = choice or default_conv_schedule(sch, conv, target, extents)

@@ -20,6 +20,15 @@ VECTOR = 16  # int8/int32 lanes per chunk: a multiple of the NEON and AVX2 width
 REDUCE_VECTOR = 8  # output columns computed together by a pooling window loop
 
 
+def inline_epilogue(sch: s_tir.Schedule, block) -> None:
+    """Run the elementwise kernels fused after a conv (``relay_passes.fuse_epilogues``: a
+    residual add) inside ``block``, its requantize epilogue: the add then reads the conv's
+    int8 value from the register tile, not from memory."""
+    while consumers := sch.get_consumers(block):
+        for consumer in consumers:
+            sch.reverse_compute_inline(consumer)
+
+
 def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) -> None:
     """Fuse the leading spatial loops of ``block``, vectorize their tail when the block is
     purely elementwise, and parallelize the rest over the target's cores."""

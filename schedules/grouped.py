@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tvm import s_tir
 
-from schedules.elementwise import schedule_loop_nest
+from schedules.elementwise import inline_epilogue, schedule_loop_nest
 
 LANE_CHOICES = (32, 16, 8)
 
@@ -48,6 +48,8 @@ def grouped_extents(sch: s_tir.Schedule, conv) -> tuple[int, int]:
 def schedule_conv_grouped(sch: s_tir.Schedule, conv, target,
                           choice: GroupedSchedule | None = None) -> None:
     requant = sch.get_sblock("tvmq_conv_grouped_requant")
+    names = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    inline_epilogue(sch, names.get("tvmq_conv_to_nchw", requant))
     n, y, x, oc, ry, rx, rc = sch.get_loops(conv)
     choice = choice or default_grouped(*grouped_extents(sch, conv), target)
     oco, oci = sch.split(oc, [None, choice.lanes])
@@ -61,7 +63,6 @@ def schedule_conv_grouped(sch: s_tir.Schedule, conv, target,
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(xi)
     sch.set_scope(init, 0, "local")
-    names = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
     for name in ("tvmq_conv_pad", "tvmq_conv_to_nhwc", "tvmq_conv_to_nchw"):
         if name in names:
             schedule_loop_nest(sch, names[name], target)
