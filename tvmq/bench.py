@@ -36,8 +36,11 @@ LABELS = {"torch_fp32": "PyTorch fp32", "torch_int8": "PyTorch int8 (x86)",
           "tvm_fp32": "TVM fp32 untuned", "tvm_fp32_tuned": "TVM fp32 tuned",
           "tvmq_w8a8": "tvmq W8A8 default",
           "tvmq_w8a8_tuned": "tvmq W8A8 tuned", **_peers.LABELS}
-BASELINES = ("torch_fp32", "torch_int8")
-SHORT = {"torch_fp32": "fp32", "torch_int8": "int8"}  # table headers
+BASELINES = ("torch_fp32", "torch_int8", "fastest_int8")
+SHORT = {"torch_fp32": "fp32", "torch_int8": "int8", "fastest_int8": "fastest int8 peer"}
+INT8_PEERS = ("torch_int8", "ort_int8", "et_int8")  # the int8 runtimes a user could pick instead
+# issue 11's goals: tvmq against the fastest int8 peer on the same host, same run
+GOALS = (("tvmq_w8a8", 0.8), ("tvmq_w8a8_tuned", 0.7))
 BAR = ("tvmq_w8a8", "torch_fp32", 2.0)  # the project's bar: tvmq W8A8 <= 2x PyTorch fp32
 SEED = 0
 WARMUP = 5            # untimed calls before timing
@@ -387,7 +390,11 @@ def _machine(threads: int) -> dict:
 def _ratios(results: dict) -> dict:
     """``{"peer/baseline": median ratio}`` for every measured peer and baseline."""
     ok = {p: r["median_ms"] for p, r in results.items() if "median_ms" in r}
-    return {f"{p}/{b}": ok[p] / ok[b] for p in ok for b in BASELINES if b in ok and b != p}
+    int8 = [p for p in INT8_PEERS if p in ok]
+    if int8:  # the fastest of the int8 runtimes a user could pick instead
+        ok["fastest_int8"] = min(ok[p] for p in int8)
+    return {f"{p}/{b}": ok[p] / ok[b] for p in ok if p in results
+            for b in BASELINES if b in ok and b != p}
 
 
 def _plot(results: dict, title: str, path: Path) -> None:
@@ -422,7 +429,8 @@ def _table(results: dict, ratios: dict, title: str):
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, caption="÷ fp32, ÷ int8: median over PyTorch fp32's, int8's")
+    table = Table(title=title, caption="÷ fp32, ÷ int8, ÷ fastest int8 peer: median over"
+                  " PyTorch fp32's, PyTorch int8's, the fastest int8 runtime's")
     table.add_column("peer")
     for col in ("median ms", "IQR", *(f"÷ {SHORT[b]}" for b in BASELINES)):
         table.add_column(col, justify="right", no_wrap=True)
@@ -552,6 +560,8 @@ def main(argv=None) -> int:
         verdict = ("not measured" if value is None
                    else f"{value:.2f}× -> {'[green]PASS[/]' if passed else '[red]FAIL[/]'}")
         console.print(f"bar: {LABELS[peer]} <= {limit:g}× {LABELS[base]}: {verdict}")
+        for line in _goal_lines(ratios):
+            console.print(line)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -569,7 +579,9 @@ def main(argv=None) -> int:
                              if any("busy" in r and "median_ms" in r
                                     for r in results.values()) else None},
               "results": results, "ratios": ratios,
-              "bar": {"what": f"{peer} <= {limit:g}x {base}", "ratio": value, "pass": passed}}
+              "bar": {"what": f"{peer} <= {limit:g}x {base}", "ratio": value, "pass": passed},
+              "goals": [{"what": f"{p} <= {limit:g}x fastest_int8", "limit": limit,
+                         "ratio": ratios.get(f"{p}/fastest_int8")} for p, limit in GOALS]}
     if args.layers or args.layers_only:
         from tvmq import bench_layers
 
@@ -579,12 +591,37 @@ def main(argv=None) -> int:
             report["layers"] = bench_layers.measure(args.model, args.threads, 15, db)
         console.print(bench_layers.table(report["layers"], f"{args.model}: slowest convolutions,"
                                          f" {args.threads} threads"))
+        console.print(_bound_line(report["layers"]["bound"], results), highlight=False)
     write_atomic(out / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     plotted = any("median_ms" in r for r in results.values())
     if plotted:
         _plot(results, title, out / "bench.png")
     console.print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else ""))
     return 0
+
+
+def _goal_lines(ratios: dict) -> list[str]:
+    """Issue 11's goals, each with this run's ratio and verdict."""
+    lines = []
+    for peer, limit in GOALS:
+        value = ratios.get(f"{peer}/fastest_int8")
+        verdict = ("not measured" if value is None else f"{value:.2f}× -> "
+                   + ("[green]PASS[/]" if value <= limit else "[red]FAIL[/]"))
+        lines.append(f"goal: {LABELS[peer]} <= {limit:g}× the fastest int8 peer: {verdict}")
+    return lines
+
+
+def _bound_line(bound: dict, results: dict) -> str:
+    """The model's conv MACs at the measured peak, against the fastest int8 peer: what no
+    schedule of these MACs can beat (a goal below it needs fewer MACs or a faster unit)."""
+    line = (f"MAC bound: {bound['conv_gmac']:.3f} GMAC of convolutions at the peak ="
+            f" {bound['ms']:.3f} ms")
+    int8 = [r["median_ms"] for p, r in results.items() if p in INT8_PEERS and "median_ms" in r]
+    if int8:
+        bound["fastest_int8_peer_ms"] = min(int8)
+        bound["ratio_to_fastest_int8_peer"] = bound["ms"] / min(int8)
+        line += f" = {bound['ratio_to_fastest_int8_peer']:.2f}× the fastest int8 peer"
+    return line
 
 
 def _kernels(args) -> int:

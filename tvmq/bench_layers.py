@@ -176,7 +176,10 @@ def measure(model: str, threads: int, repeats: int, db: str | None, top: int = 1
                      tvmq_peak_fraction=layer["macs"] / (t_tvmq * 1e-3) / 1e9 / peak,
                      torch_peak_fraction=layer["macs"] / (t_torch * 1e-3) / 1e9 / peak)
     layers.sort(key=lambda r: -r["tvmq_ms"] * r["count"])
-    return {"peak": sides["peak"], "layers": layers[:top], "all_layers": len(layers)}
+    gmac = sum(r["macs"] * r["count"] for r in layers) / 1e9
+    # the model's convolutions at the peak: no schedule of these MACs can run faster
+    return {"peak": sides["peak"], "layers": layers[:top], "all_layers": len(layers),
+            "bound": {"conv_gmac": gmac, "ms": gmac / peak * 1e3}}
 
 
 def _spawn(side, model, threads, repeats, db, timeout):
