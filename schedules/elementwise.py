@@ -3,6 +3,7 @@ inline injective producers, parallelize the fused outer spatial loops over the c
 vectorize the innermost. Untouched, TE emits one serial scalar loop nest per op."""
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import s_tir, tirx
 
@@ -17,6 +18,9 @@ def is_scheduled(func) -> bool:
 
 
 VECTOR = 16  # int8/int32 lanes per chunk: a multiple of the NEON and AVX2 widths
+# below this many loop iterations (a few microseconds of vector work) a kernel runs on one
+# core: waking the pool and waiting at its barrier costs more than it saves
+PARALLEL_MIN_WORK = 1 << 15
 REDUCE_VECTOR = 8  # output columns computed together by a pooling window loop
 
 
@@ -40,6 +44,12 @@ def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) ->
     if n_spatial == 0:
         return
     cores = int(target.attrs.get("num-cores", 1) or 1)
+    work = int(np.prod([int(sch.get(lp).extent) for lp in loops]))
+
+    def share(loop) -> None:  # over the cores, when there is enough work for each
+        if work >= PARALLEL_MIN_WORK and int(sch.get(loop).extent) >= 2 * cores:
+            sch.parallel(loop)
+
     width = int(sch.get(loops[n_spatial - 1]).extent)
     if n_spatial == len(kinds) >= 2:
         # elementwise: vectorize the shortest run of innermost loops that fills a vector and
@@ -53,8 +63,7 @@ def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) ->
             outer = sch.fuse(*loops[:-inner_n]) if len(loops) - inner_n > 1 else loops[0]
             lanes = VECTOR if inner % VECTOR == 0 else REDUCE_VECTOR
             sch.vectorize(sch.split(tail, [None, lanes])[1])
-            if int(sch.get(outer).extent) >= 2 * cores:
-                sch.parallel(outer)
+            share(outer)
             return
     if n_spatial < len(kinds) and n_spatial >= 2 and width % REDUCE_VECTOR == 0:
         # a window reduction (pooling): the window loops go outside a vector of columns
@@ -62,17 +71,14 @@ def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) ->
         xo, xi = sch.split(loops[n_spatial - 1], [None, REDUCE_VECTOR])
         sch.reorder(xo, *loops[n_spatial:], xi)
         sch.vectorize(xi)
-        if int(sch.get(outer).extent) >= 2 * cores:
-            sch.parallel(outer)
+        share(outer)
         return
     fused = sch.fuse(*loops[:n_spatial]) if n_spatial > 1 else loops[0]
     extent = int(sch.get(fused).extent)
     if n_spatial == len(kinds) and extent >= 4 * VECTOR and extent % VECTOR == 0:
         fused, inner = sch.split(fused, [None, VECTOR])
         sch.vectorize(inner)
-        extent //= VECTOR
-    if extent >= 2 * cores:
-        sch.parallel(fused)
+    share(fused)
 
 
 def schedule_memory_bound(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
