@@ -183,15 +183,22 @@ def _describe(rec: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in rec.items() if v)
 
 
-def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database) -> tvm.IRModule:
-    """Schedule every kernel the database holds a record for (its best); mark them scheduled."""
+def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database,
+                   coverage: dict | None = None) -> tvm.IRModule:
+    """Schedule every kernel the database holds a record for (its best); mark them scheduled.
+    ``coverage`` (a dict) receives ``kernels`` (tunable ones in ``mod``) and ``tuned`` (those
+    the database matched): a database made for another model or an older tvmq matches none."""
+    coverage = {} if coverage is None else coverage
+    coverage.update(kernels=0, tuned=0)
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or not _has_rule(func):
             continue
+        coverage["kernels"] += 1
         # tasks are keyed as extract_tasks made them: a module {"main": func named "main"}
         task = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
         sch = database.query_schedule(task, target, workload_name="main")
         if sch is not None:
+            coverage["tuned"] += 1
             tuned = sch.mod["main"].with_attr("tirx.is_scheduled", True)
             mod[gv] = tuned.without_attr("global_symbol") if "global_symbol" not in (
                 func.attrs or {}) else tuned.with_attr("global_symbol", func.attrs["global_symbol"])

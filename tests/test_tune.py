@@ -13,7 +13,7 @@ import pytest
 import tvmq
 from schedules.tuning import TuningDatabaseError, open_database
 from schedules.targets import resolve
-from tvmq.build import zoo_program
+from tvmq.build import _schedules_line, zoo_program
 from tvmq.tune import tune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,21 @@ def test_tuned_build_is_bit_exact(program, db, tmp_path):
     art = tvmq.build(program, target="x86", out=tmp_path / "tuned", parity=4, db=db)
     assert art.manifest["parity"]["mismatches"] == 0
     assert art.manifest["tuning_db"] == str(db)
+    cov = art.manifest["tuned_kernels"]  # one task tuned, of ResNet-20's conv kernels
+    assert cov["tuned"] == 1 and cov["kernels"] > 1, cov
+    assert "tuned: 1 of" in _schedules_line(art.manifest)
     assert json.loads((db / "tvmq.json").read_text())["target"]["kind"] == "llvm"
+
+
+def test_database_of_another_model_is_reported_as_matching_nothing(db, tmp_path):
+    """A database that matches none of the kernels (another model, an older tvmq) builds
+    with default schedules, and the build says so instead of "tuned"."""
+    from tests.test_safety import tiny_deploy
+
+    deploy, example = tiny_deploy()
+    art = tvmq.build(deploy, example, target="x86", out=tmp_path / "tiny", parity=1, db=db)
+    assert art.manifest["tuned_kernels"]["tuned"] == 0 and art.manifest["parity"]["mismatches"] == 0
+    assert "matches none" in _schedules_line(art.manifest)
 
 
 def test_rerun_resumes(program, db):

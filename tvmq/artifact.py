@@ -408,7 +408,8 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
     mod = frontend.import_exported_program(ep)
     database = open_database(db, tgt) if db is not None else None
     lowering = lowering_plan.plan(mod, tgt, _plan_cache(), lowerings)
-    ex = compile_relax(mod, tgt, database, lowering)
+    coverage: dict = {}
+    ex = compile_relax(mod, tgt, database, lowering, coverage)
     # the parity check runs the same kernels (same lowerings) built for this host
     host_ex = ex if is_host(tgt) else compile_relax(mod, resolve("x86"), plan=lowering)
 
@@ -465,6 +466,8 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
                       "int_weight_bytes": weights, "float_weight_bytes": 4 * weights},
             "build_seconds": round(time.perf_counter() - start, 2),
             "tuning_db": str(db) if db is not None else None,
+            # tunable kernels, and how many of them the database held a schedule for
+            "tuned_kernels": coverage if database is not None else None,
             "layers": _layer_rows(info.get("layers") or [], lowering),
             **extra,
         }

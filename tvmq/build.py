@@ -107,6 +107,18 @@ def layer_summary(layers: list[dict]) -> list[tuple[str, str]]:
     return rows
 
 
+def _schedules_line(m: dict) -> str:
+    """Which schedules the build used: how many kernels the tuning database matched."""
+    if not m.get("tuning_db"):
+        return "default (no tuning database)"
+    cov = m.get("tuned_kernels") or {}
+    if not cov.get("tuned"):
+        return (f"[red]default: {m['tuning_db']} matches none of the {cov.get('kernels', 0)}"
+                " tunable kernels[/] (tuned for another model, CPU or tvmq version?)")
+    return (f"tuned: {cov['tuned']} of {cov['kernels']} kernels from {m['tuning_db']}"
+            " (default for the rest)")
+
+
 def report(art: Artifact) -> Table:
     m = art.manifest
     table = Table(title=f"tvmq build -> {art.path}", show_header=False)
@@ -129,8 +141,7 @@ def report(art: Artifact) -> Table:
     s = m["sizes"]
     table.add_row("size", f"library {s['library_bytes'] / 1e3:.1f} kB; weights int8"
                   f" {s['int_weight_bytes'] / 1e3:.1f} kB vs float {s['float_weight_bytes'] / 1e3:.1f} kB")
-    table.add_row("schedules", f"tuned: {m['tuning_db']} (default for the rest)"
-                  if m.get("tuning_db") else "default (no tuning database)")
+    table.add_row("schedules", _schedules_line(m))
     table.add_row("build time", f"{m['build_seconds']:.1f} s")
     return table
 

@@ -49,16 +49,18 @@ def lower_graph(mod: tvm.IRModule, target: tvm.target.Target, plan=None) -> tvm.
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyTuningDatabase")
 class ApplyTuningDatabase:
-    """Phase 3a: the best tuned schedule of every kernel the database holds."""
+    """Phase 3a: the best tuned schedule of every kernel the database holds; ``coverage``
+    receives how many of the tunable kernels it matched."""
 
-    def __init__(self, target, database):
-        self.target, self.database = target, database
+    def __init__(self, target, database, coverage: dict | None = None):
+        self.target, self.database, self.coverage = target, database, coverage
 
     def transform_module(self, mod, _ctx):
-        return apply_database(mod, self.target, self.database)
+        return apply_database(mod, self.target, self.database, self.coverage)
 
 
-def pipeline(target: tvm.target.Target, database=None, plan=None) -> tvm.transform.Pass:
+def pipeline(target: tvm.target.Target, database=None, plan=None,
+             coverage: dict | None = None) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="tvmq")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
@@ -67,7 +69,8 @@ def pipeline(target: tvm.target.Target, database=None, plan=None) -> tvm.transfo
                 # Phase 2. TVM legalization and fusion of what remains
                 *graph_passes(target, plan),
                 # Phase 3. tuned schedules from the database, default schedules for the rest
-                *([ApplyTuningDatabase(target, database)] if database is not None else []),
+                *([ApplyTuningDatabase(target, database, coverage)]
+                  if database is not None else []),
                 ApplyDefaultSchedules(target),
                 # Phase 4. TVM's CPU lowering to the VM
                 *cpu_generic.dataflow_lower_passes(target),
@@ -80,11 +83,13 @@ def pipeline(target: tvm.target.Target, database=None, plan=None) -> tvm.transfo
 
 
 def compile_relax(mod: tvm.IRModule, target: tvm.target.Target,
-                  database=None, plan=None) -> relax.Executable:
+                  database=None, plan=None, coverage: dict | None = None) -> relax.Executable:
     """Compile with tvmq's pipeline; ``database``: a tuning database (schedules.tuning);
-    ``plan``: the lowering of each node that has several (``tvmq.lowering_plan``)."""
+    ``plan``: the lowering of each node that has several (``tvmq.lowering_plan``);
+    ``coverage``: receives how many tunable kernels the database matched."""
     with float_errors_surface():  # a verifier's FloatOpError, not TVM's RuntimeError
-        return tvm.compile(mod, target, relax_pipeline=pipeline(target, database, plan))
+        return tvm.compile(mod, target,
+                           relax_pipeline=pipeline(target, database, plan, coverage))
 
 
 def export_library(ex: relax.Executable, target: tvm.target.Target, path: str) -> None:
