@@ -60,12 +60,78 @@ def _tile(op: str, *args) -> None:
     tb.evaluate(tirx.call_llvm_intrin("void", f"llvm.x86.{op}", *args))
 
 
+class _Tiles:
+    """The tile operations of the row kernel, as AMX instructions. A load reads 16 rows of
+    64 bytes from ``buffer[index]`` on, ``step`` elements apart; a store writes 16 rows of
+    16 int32."""
+
+    def prologue(self):
+        _request_tile_permission()
+        config = tb.decl_buffer((16,), "int32", scope="local")
+        for i, word in enumerate(TILE_CONFIG):
+            tb.buffer_store(config, word, [i])
+        _tile("ldtilecfg", tb.address_of(config[0]))
+
+    def zero(self, t):
+        _tile("tilezero", t)
+
+    def load(self, t, buffer, index, step):
+        _tile("tileloadd64", t, tb.address_of(buffer[index]),
+              tirx.Cast("int64", step * (tvm.DataType(buffer.dtype).bits // 8)))
+
+    def dot(self, c, a, b):
+        _tile("tdpbusd", c, a, b)
+
+    def store(self, t, buffer, index, step):
+        _tile("tilestored64", t, tb.address_of(buffer[index]), tirx.Cast("int64", step * 4))
+
+    def epilogue(self):
+        _tile("tilerelease")
+
+
+class EmulatedTiles(_Tiles):
+    """The same operations as TIR loops on 8 int32 "tiles" [16, 64] in memory, for testing
+    the kernel's tile addressing on hosts without AMX (``EMULATE``): loads read through a
+    flat view of the buffer at base + row * step, as ``tileloadd`` does."""
+
+    def prologue(self):
+        self.tiles = tb.decl_buffer((8, 16, 64), "int32", scope="local")
+
+    def zero(self, t):
+        with tb.grid(16, 16) as (m, n):
+            tb.buffer_store(self.tiles, 0, [t, m, n])
+
+    def load(self, t, buffer, index, step):
+        flat = tb.decl_buffer((1 << 30,), buffer.dtype, data=buffer.data,
+                              elem_offset=buffer.elem_offset)
+        base = sum(i * s for i, s in zip(index, buffer.strides))
+        with tb.grid(16, 64) as (m, j):
+            tb.buffer_store(self.tiles, flat[base + m * step + j].astype("int32"), [t, m, j])
+
+    def dot(self, c, a, b):  # tdpbusd: C[m, n] += sum over k, j of A[m, 4k + j] B[k, 4n + j]
+        with tb.grid(16, 16, 16, 4) as (m, n, k, j):
+            tb.buffer_store(self.tiles, self.tiles[c, m, n]
+                            + self.tiles[a, m, 4 * k + j] * self.tiles[b, k, 4 * n + j], [c, m, n])
+
+    def store(self, t, buffer, index, step):
+        *outer, x, oc = index  # C rows are pixels (the last but one axis)
+        with tb.grid(16, 16) as (m, n):
+            tb.buffer_store(buffer, self.tiles[t, m, n], [*outer, x + m, oc + n])
+
+    def epilogue(self):
+        pass
+
+
+EMULATE = False  # tests: build the row kernel on EmulatedTiles (runs without AMX)
+
+
 def conv_row_intrin(width: int, channels: int, kh: int, kw: int, quads: int,
                     sw: int, dh: int, dw: int) -> str:
     """Register (once) and name the tensor intrinsic of one conv output row: ``C[0, 0, x, oc]
     = sum over (ry, rx, rc, j) of A[0, ry*dh, x*sw + rx*dw, rc, j] . B[oc / 16, ry, rx, rc,
     oc % 16, j]`` for ``width`` pixels x ``channels`` channels, on AMX tiles."""
-    name = f"tvmq_amx_conv_row_{width}x{channels}_k{kh}x{kw}_q{quads}_s{sw}_d{dh}x{dw}"
+    name = (f"tvmq_amx_conv_row_{width}x{channels}_k{kh}x{kw}_q{quads}_s{sw}_d{dh}x{dw}"
+            + ("_emulated" if EMULATE else ""))
     if TensorIntrin.get(name, allow_missing=True) is None:
         TensorIntrin.register(name, _row_desc(width, channels, kh, kw, quads, sw, dh, dw),
                               _row_impl(width, channels, kh, kw, quads, sw, dh, dw))
@@ -79,31 +145,38 @@ def _row_shapes(width, channels, kh, kw, quads, sw, dh, dw):
 
 
 def _row_desc(width, channels, kh, kw, quads, sw, dh, dw):
-    """The row as ``topi_ops.conv2d`` computes it (tensorize matches the conv block)."""
+    """The row as ``topi_ops.conv2d`` computes it, for tensorize to match the conv block (a
+    reduction axis of extent 1, a 1x1 conv's taps, is a loop there but no block axis)."""
     a_shape, b_shape, c_shape = _row_shapes(width, channels, kh, kw, quads, sw, dh, dw)
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, a_shape, "uint8", offset_factor=1)
-        B = T.match_buffer(b, b_shape, "int8", offset_factor=1)
-        C = T.match_buffer(c, c_shape, "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(A[0:a_shape[0], 0:a_shape[1], 0:a_shape[2], 0:a_shape[3], 0:4],
-                    B[0:b_shape[0], 0:kh, 0:kw, 0:quads, 0:16, 0:4])
-            T.writes(C[0:1, 0:1, 0:width, 0:channels])
-            with T.init():  # C = the sum, not C += (the row's block keeps the conv's init)
-                for x, oc in T.grid(width, channels):
-                    with T.sblock("init"):
-                        vx, voc = T.axis.remap("SS", [x, oc])
-                        C[0, 0, vx, voc] = 0
-            for x, oc, ry, rx, rc, rj in T.grid(width, channels, kh, kw, quads, 4):
-                with T.sblock("update"):
-                    vx, voc, vry, vrx, vrc, vrj = T.axis.remap("SSRRRR", [x, oc, ry, rx, rc, rj])
-                    C[0, 0, vx, voc] = C[0, 0, vx, voc] + T.cast(
-                        A[0, vry * dh, vx * sw + vrx * dw, vrc, vrj], "int32") * T.cast(
-                        B[voc // 16, vry, vrx, vrc, voc % 16, vrj], "int32")
-
-    return desc
+    axes = (("x", width, "S"), ("oc", channels, "S"), ("ry", kh, "R"), ("rx", kw, "R"),
+            ("rc", quads, "R"), ("rj", 4, "R"))
+    with IRBuilder() as builder:
+        with tb.prim_func(s_tir=True):
+            tb.func_name("desc")
+            a, b, c = (tb.arg(n, tb.handle()) for n in "abc")
+            A = tb.match_buffer(a, a_shape, "uint8", offset_factor=1)
+            B = tb.match_buffer(b, b_shape, "int8", offset_factor=1)
+            C = tb.match_buffer(c, c_shape, "int32", offset_factor=1)
+            with tb.sblock("root"):
+                tb.reads(A[tuple(slice(0, e) for e in a_shape)],
+                         B[tuple(slice(0, e) for e in b_shape)])
+                tb.writes(C[0:1, 0:1, 0:width, 0:channels])
+                with tb.init():  # C = the sum, not C += (the row's block keeps the init)
+                    with tb.grid(width, channels) as (x, oc):
+                        with tb.sblock("init"):
+                            vx, voc = tb.axis.remap("SS", [x, oc])
+                            tb.buffer_store(C, 0, [0, 0, vx, voc])
+                with tb.grid(*[e for _, e, _ in axes]) as loops:
+                    with tb.sblock("update"):
+                        kept = [(n, k, lp) for (n, e, k), lp in zip(axes, loops) if e > 1]
+                        v = dict(zip([n for n, _, _ in kept], tb.axis.remap(
+                            "".join(k for _, k, _ in kept), [lp for _, _, lp in kept])))
+                        x, oc, ry, rx = (v.get(n, 0) for n in ("x", "oc", "ry", "rx"))
+                        rc, rj = v.get("rc", 0), v["rj"]
+                        tb.buffer_store(C, C[0, 0, x, oc] + A[0, ry * dh, x * sw + rx * dw, rc, rj]
+                                        .astype("int32") * B[oc // 16, ry, rx, rc, oc % 16, rj]
+                                        .astype("int32"), [0, 0, x, oc])
+    return builder.get()
 
 
 def _row_impl(width, channels, kh, kw, quads, sw, dh, dw):
@@ -131,32 +204,26 @@ def _row_impl(width, channels, kh, kw, quads, sw, dh, dw):
                 tb.reads(A[0:a_shape[0], 0:a_shape[1], 0:a_shape[2], 0:a_shape[3], 0:4],
                         B[0:b_shape[0], 0:kh, 0:kw, 0:quads, 0:16, 0:4])
                 tb.writes(C[0:1, 0:1, 0:width, 0:channels])
-                _request_tile_permission()
-                config = tb.decl_buffer((16,), "int32", scope="local")
-                for i, word in enumerate(TILE_CONFIG):
-                    tb.buffer_store(config, word, [i])
-                _tile("ldtilecfg", tb.address_of(config[0]))
-                a_stride = tirx.Cast("int64", A.strides[2] * sw)  # bytes between pixels
-                c_stride = tirx.Cast("int64", C.strides[2] * 4)
+                ops = EmulatedTiles() if EMULATE else _Tiles()
+                ops.prologue()
                 with tb.grid(width // (AMX_ROWS * pixel_blocks),
-                            channels // (16 * channel_blocks)) as (xb, cb):
+                             channels // (16 * channel_blocks)) as (xb, cb):
                     x0 = [(xb * pixel_blocks + p) * AMX_ROWS for p in range(pixel_blocks)]
                     b0 = [cb * channel_blocks + q for q in range(channel_blocks)]
                     for t in range(len(tiles)):
-                        _tile("tilezero", t)
+                        ops.zero(t)
                     with tb.grid(kh, kw, quads // QUADS) as (ry, rx, k):
-                        for p in range(pixel_blocks):
-                            _tile("tileloadd64", A_TILES + p, tb.address_of(
-                                A[0, ry * dh, x0[p] * sw + rx * dw, k * QUADS, 0]), a_stride)
-                        for q in range(channel_blocks):
-                            _tile("tileloadd64", B_TILES + q, tb.address_of(
-                                B[b0[q], ry, rx, k * QUADS, 0, 0]), tirx.const(64, "int64"))
+                        for p in range(pixel_blocks):  # 16 pixels, sw * C bytes apart
+                            ops.load(A_TILES + p, A, [0, ry * dh, x0[p] * sw + rx * dw,
+                                                      k * QUADS, 0], A.strides[2] * sw)
+                        for q in range(channel_blocks):  # 16 quads of 16 channels
+                            ops.load(B_TILES + q, B, [b0[q], ry, rx, k * QUADS, 0, 0],
+                                     B.strides[3])
                         for t, (p, q) in enumerate(tiles):
-                            _tile("tdpbusd", t, A_TILES + p, B_TILES + q)
+                            ops.dot(t, A_TILES + p, B_TILES + q)
                     for t, (p, q) in enumerate(tiles):
-                        _tile("tilestored64", t, tb.address_of(C[0, 0, x0[p], b0[q] * 16]),
-                              c_stride)
-                _tile("tilerelease")
+                        ops.store(t, C, [0, 0, x0[p], b0[q] * 16], C.strides[2])
+                ops.epilogue()
     return builder.get()
 
 

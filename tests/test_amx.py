@@ -82,3 +82,24 @@ def test_amx_conv_exact_on_this_host(case, out_shift, relu, nonneg, gen):
     host = resolve("x86")
     assert conv_layout(host) == AMX_QUADS
     assert_bit_exact(run_tvm(m, x, target=host), m(x))
+
+
+@pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_amx_tile_addressing_emulated(case, gen, monkeypatch):
+    """The row kernel's tile addressing (A rows sw * C bytes apart, B tiles, C rows, the 2 x 2
+    blocking, the padded row) on this host: the same kernel built on tiles emulated by TIR
+    loops (``schedules.amx.EMULATE``) for a target that claims AMX, exact against PyTorch."""
+    import schedules.amx
+
+    monkeypatch.setattr(schedules.amx, "EMULATE", True)
+    host = resolve("x86")
+    target = {"kind": "llvm", "mcpu": str(host.attrs["mcpu"]), "num-cores": 2,
+              "mattr": ["+amx-tile", "+amx-int8"]}
+    assert conv_layout(resolve(target)) == AMX_QUADS
+    c, h, w, o, k, stride, pad, dil = case
+    x, wt = int8(1, c, h, w, gen=gen), int8(o, c, k, k, gen=gen)
+    x[0, :, 0], wt[0] = -128, -128
+    b = torch.randint(-3000, 3000, (o,), generator=gen, dtype=torch.int32)
+    m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [stride] * 2, [pad] * 4, [dil] * 2, 1, 2,
+                                             7, False, 8), wt, b)
+    assert_bit_exact(run_tvm(m, x, target=target), m(x))
