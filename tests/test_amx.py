@@ -60,46 +60,59 @@ AMX_CASES = [  # (C, H, W, O, k, stride, padding, dilation)
     (64, 7, 33, 32, 1, 1, 0, 1),    # 1x1 without padding: packs only the pixels it reads
     (64, 7, 20, 32, 1, 2, 0, 1),    # strided 1x1
     (64, 12, 21, 16, 3, 1, 2, 2),   # dilation 2
+    (62, 6, 16, 20, 3, 1, 1, 1),    # 62 channels: quads padded to 64 (zero weights)
 ]
+CASE_IDS = ["x".join(map(str, c)) for c in AMX_CASES]
+# signed input with -128/127 edges (u8 offset); input after a ReLU (known >= 0: no offset);
+# a shift per output channel, saturating both ways
+VARIANTS = ("signed", "relu-input", "per-channel")
 
 
-@pytest.mark.skipif(not (has_feature(resolve("x86"), "amx-int8")
-                         and has_feature(resolve("x86"), "amx-tile")),
-                    reason="this host has no AMX-INT8: its tile kernels cannot run here (their"
-                           " assembly is checked on every host, above)")
-@pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("out_shift,relu,nonneg", [(7, False, False), (0, False, False),
-                                                   (5, True, True)])
-def test_amx_conv_exact_on_this_host(case, out_shift, relu, nonneg, gen):
+def amx_conv(case, variant, gen):
+    """(module, input) of one AMX-sized conv with edge values: the largest products (-128 x
+    -128, 127 x 127) in the first rows and output channels."""
     c, h, w, o, k, stride, pad, dil = case
-    lo = 0 if nonneg else -128  # an input known >= 0 (after a ReLU) takes no u8 offset
-    x, wt = int8(1, c, h, w, gen=gen, lo=lo), int8(o, c, k, k, gen=gen)
-    x[0, :, 0], wt[0] = (127 if nonneg else -128), -128  # the largest products
-    x[0, :3, 1], wt[1, :3] = 127, 127
+    x, wt = int8(1, c, h, w, gen=gen), int8(o, c, k, k, gen=gen)
+    x[0, :, 0], wt[0] = -128, -128
+    x[0, :, 1], wt[1] = 127, 127
     b = torch.randint(-3000, 3000, (o,), generator=gen, dtype=torch.int32)
-    m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [stride] * 2, [pad] * 4, [dil] * 2, 1, 2,
-                                             out_shift, relu, 8), wt, b)
-    host = resolve("x86")
-    assert conv_layout(host) == AMX_QUADS
-    assert_bit_exact(run_tvm(m, x, target=host), m(x))
+    geometry = ([stride] * 2, [pad] * 4, [dil] * 2, 1)
+    if variant == "per-channel":
+        shift = torch.randint(-2, 9, (o,), generator=gen, dtype=torch.int32)
+        shift[0], shift[-1] = -2, 10
+        return OpModule(lambda x, w, b, s: ops.qconv2d_pc(x, w, b, s, *geometry, -128, 127),
+                        wt, b, shift), x
+    if variant == "relu-input":  # the ReLU's output range reaches the conv: u8 without offset
+        return OpModule(lambda x, w, b: ops.qconv2d(ops.qrelu(x), w, b, *geometry, 2, 7, True,
+                                                    8), wt, b), x
+    return OpModule(lambda x, w, b: ops.qconv2d(x, w, b, *geometry, 2, 0, False, 8), wt, b), x
 
 
-@pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_amx_tile_addressing_emulated(case, gen, monkeypatch):
+HOST = resolve("x86")
+
+
+@pytest.mark.skipif(not (has_feature(HOST, "amx-int8") and has_feature(HOST, "amx-tile")),
+                    reason="this host has no AMX-INT8: its tile kernels cannot run here (their"
+                           " assembly is checked on every host, their addressing emulated)")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", AMX_CASES, ids=CASE_IDS)
+def test_amx_conv_exact_on_this_host(case, variant, gen):
+    assert conv_layout(HOST) == AMX_QUADS
+    m, x = amx_conv(case, variant, gen)
+    assert_bit_exact(run_tvm(m, x, target=HOST), m(x))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", AMX_CASES, ids=CASE_IDS)
+def test_amx_tile_addressing_emulated(case, variant, gen, monkeypatch):
     """The row kernel's tile addressing (A rows sw * C bytes apart, B tiles, C rows, the 2 x 2
     blocking, the padded row) on this host: the same kernel built on tiles emulated by TIR
     loops (``schedules.amx.EMULATE``) for a target that claims AMX, exact against PyTorch."""
     import schedules.amx
 
     monkeypatch.setattr(schedules.amx, "EMULATE", True)
-    host = resolve("x86")
-    target = {"kind": "llvm", "mcpu": str(host.attrs["mcpu"]), "num-cores": 2,
+    target = {"kind": "llvm", "mcpu": str(HOST.attrs["mcpu"]), "num-cores": 2,
               "mattr": ["+amx-tile", "+amx-int8"]}
     assert conv_layout(resolve(target)) == AMX_QUADS
-    c, h, w, o, k, stride, pad, dil = case
-    x, wt = int8(1, c, h, w, gen=gen), int8(o, c, k, k, gen=gen)
-    x[0, :, 0], wt[0] = -128, -128
-    b = torch.randint(-3000, 3000, (o,), generator=gen, dtype=torch.int32)
-    m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [stride] * 2, [pad] * 4, [dil] * 2, 1, 2,
-                                             7, False, 8), wt, b)
+    m, x = amx_conv(case, variant, gen)
     assert_bit_exact(run_tvm(m, x, target=target), m(x))

@@ -16,7 +16,7 @@ target (``conv_layout``):
   products, exactly like ``vpdpbusd``; ``schedules.amx``). The packed weights
   ``[O/16, KH, KW, C/4, 16, 4]`` are B tiles as they lie (16 quads x 64 bytes), a data row
   ``[Wp, C/4, 4]`` gives A tiles (16 pixels x 64 bytes, stride ``sw * C``). Used where it
-  fits (``amx_fits``: C a multiple of 64, rows at least 4 pixels wide); the accumulator
+  fits (``amx_fits``: C rounded up to quads a multiple of 64, rows >= 4 pixels); the accumulator
   row is then padded to whole tiles of 16 pixels, the pad columns computed and never read;
   other convs on such a CPU take the VNNI kernel;
 - AVX-VNNI without AVX-512 (Alder Lake and later): the same u8 quads on 8 lanes (``vpdpbusd``
@@ -100,16 +100,14 @@ def data_layout(weight_shape, target) -> ConvLayout:
 
 AMX_ROWS = 16  # pixels per A/C tile (a tile has 16 rows of 64 bytes)
 AMX_DEPTH = 64  # input channels per A tile row (64 u8 bytes: 16 quads)
-
-
 AMX_ATTR = "tvmq_amx"  # on an accumulator the AMX schedule takes: [stride x, dilation y, x]
 
 
 def amx_fits(channels: int, out_width: int) -> bool:
-    """Whether an AMX_QUADS conv runs on tiles: the input channels fill whole 64-byte tile
-    rows (no partial-row tile configuration), and an output row of >= 4 pixels fills at
-    least a quarter of a 16-row tile (below that VNNI's vectors waste less). Output channels
-    are padded to 16 by the packing anyway."""
+    """Whether an AMX_QUADS conv runs on tiles: its input channels (rounded up to quads, as
+    packed) fill whole 64-byte tile rows (one tile configuration for every tile), and an
+    output row of >= 4 pixels fills at least a quarter of a 16-row tile (a dense layer, 1
+    pixel, stays on VNNI vectors). Output channels are padded to 16 by the packing anyway."""
     return channels % AMX_DEPTH == 0 and out_width >= 4
 
 
