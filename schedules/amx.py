@@ -18,7 +18,9 @@ Tiles as the conv's buffers hold them, no copy:
 Register blocking: 2 pixel blocks x 2 channel blocks of C (tmm0-3) stay in tiles over the
 whole reduction (KH x KW x C/64 steps, each 2 A loads (tmm4-5), 2 B loads (tmm6-7), 4
 ``tdpbusd``) and are stored once; the requantize epilogue then runs on the row, in the
-same parallel task. A row too narrow or channels too few for 2 blocks take 1.
+same parallel task. A row too narrow or channels too few for 2 blocks take 1. (The row's
+block keeps the conv's init, a zero fill of the accumulator row before the tiles overwrite
+it: tensorize replaces a block's body, not its init.)
 
 The row is one tensor intrinsic (``conv_row_intrin``), made for each conv's geometry: its
 implementation is the tile loop nest with LLVM's AMX intrinsics (immediate tile numbers),
@@ -30,7 +32,6 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import TensorIntrin
-from tvm.script import tirx as T
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as tb
 
