@@ -12,12 +12,14 @@ import numpy as np
 import tvm
 from tvm import s_tir, tirx
 
+from schedules.amx import schedule_conv_amx
 from schedules.bitserial import schedule_bitserial_conv2d
 from schedules.grouped import schedule_conv_grouped
 from schedules.elementwise import SCHEDULED, inline_epilogue, is_scheduled, schedule_loop_nest
 from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, DOT_8X4_NEON_S8,
                                   DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI)
 from schedules.targets import has_feature
+from topi_ops.conv2d import AMX_ATTR
 
 def register_tile(out_blocks: int, width: int) -> tuple[int, int]:
     """(output-channel blocks, output columns) of the int32 accumulator tile kept in the 16
@@ -130,6 +132,8 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     if "tvmq_dense_as_image" in blocks:  # dense = 1x1 conv: its reshapes are free
         sch.compute_inline(blocks["tvmq_dense_as_image"])
         sch.reverse_compute_inline(blocks["tvmq_dense_out"])
+    if AMX_ATTR in sch.get(conv).annotations:  # topi_ops.conv2d chose AMX tiles for it
+        return schedule_conv_amx(sch, conv, target)
     requant = sch.get_sblock("tvmq_conv_requant")
     inline_epilogue(sch, blocks.get("tvmq_conv_unpack", requant))
     extents = conv_loop_extents(sch, conv)

@@ -10,6 +10,15 @@ target (``conv_layout``):
 - AVX-512 VNNI: u8 x s8 quads (G = 4, B = 16), ``vpdpbusd``; a signed input is offset by
   +128 and ``128 * sum(w)`` taken out of the bias at build time, an input known to be >= 0
   (``Conv2dParams.nonneg``: after a ReLU its int8 bytes are valid u8) needs no offset;
+- AMX-INT8 (Sapphire Rapids and later): the same u8 quads and packing as AVX-512 VNNI, but
+  a conv row is a matrix product on tile registers (``tdpbusd``: a 16 x 16 int32 tile +=
+  16 pixels x 64 u8 input channels times 64 x 16 s8 weights, each int32 the sum of u8 x s8
+  products, exactly like ``vpdpbusd``; ``schedules.amx``). The packed weights
+  ``[O/16, KH, KW, C/4, 16, 4]`` are B tiles as they lie (16 quads x 64 bytes), a data row
+  ``[Wp, C/4, 4]`` gives A tiles (16 pixels x 64 bytes, stride ``sw * C``). Used where it
+  fits (``amx_fits``: C rounded up to quads a multiple of 64, rows >= 4 pixels); the accumulator
+  row is then padded to whole tiles of 16 pixels, the pad columns computed and never read;
+  other convs on such a CPU take the VNNI kernel;
 - AVX-VNNI without AVX-512 (Alder Lake and later): the same u8 quads on 8 lanes (``vpdpbusd``
   ymm);
 - AVX2: u8 x s8 quads (G = 4, B = 8), ``vpmaddubsw`` + ``vpmaddwd`` by ones, for inputs known
@@ -52,6 +61,7 @@ class ConvLayout(NamedTuple):
 PAIRS = ConvLayout(8, 2, "int16", "vpmaddwd/smlal")  # AVX2, NEON: int16 pairs, 8 int32 lanes
 VNNI_PAIRS = ConvLayout(16, 2, "int16", "vpdpwssd")  # AVX-512 VNNI
 VNNI_QUADS = ConvLayout(16, 4, "uint8", "vpdpbusd")  # AVX-512 VNNI: u8 (x + 128) x s8
+AMX_QUADS = ConvLayout(16, 4, "uint8", "tdpbusd")  # AMX-INT8: VNNI_QUADS' packing, tiles
 AVXVNNI_QUADS = ConvLayout(8, 4, "uint8", "vpdpbusd-ymm")  # AVX-VNNI (no AVX-512): the same, 8 lanes
 SDOT_QUADS = ConvLayout(8, 4, "int8", "sdot")  # ARMv8.2 dotprod: s8 x s8, two sdot per block
 AVX2_QUADS = ConvLayout(8, 4, "uint8", "vpmaddubsw")  # AVX2 vpmaddubsw + vpmaddwd: u8 (x >= 0) x s8
@@ -69,6 +79,8 @@ def conv_layout(target, nonneg: bool = False) -> ConvLayout:
     has = tvm.target.codegen.llvm_cpu_has_features
     if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
         return SDOT_QUADS if has("dotprod", target) else NEON_QUADS if nonneg else PAIRS
+    if has("amx-int8", target) and has("amx-tile", target):
+        return AMX_QUADS
     if has("avx512vnni", target) and has("avx512bw", target):
         return VNNI_QUADS
     if has("avxvnni", target):
@@ -84,6 +96,19 @@ def data_layout(weight_shape, target) -> ConvLayout:
         if (layout.block, layout.group) == (block, group):
             return layout
     raise ValueError(f"no conv layout packs weights as {tuple(weight_shape)}")
+
+
+AMX_ROWS = 16  # pixels per A/C tile (a tile has 16 rows of 64 bytes)
+AMX_DEPTH = 64  # input channels per A tile row (64 u8 bytes: 16 quads)
+AMX_ATTR = "tvmq_amx"  # on an accumulator the AMX schedule takes: [stride x, dilation y, x]
+
+
+def amx_fits(channels: int, out_width: int) -> bool:
+    """Whether an AMX_QUADS conv runs on tiles: its input channels (rounded up to quads, as
+    packed) fill whole 64-byte tile rows (one tile configuration for every tile), and an
+    output row of >= 4 pixels fills at least a quarter of a 16-row tile (a dense layer, 1
+    pixel, stays on VNNI vectors). Output channels are padded to 16 by the packing anyway."""
+    return channels % AMX_DEPTH == 0 and out_width >= 4
 
 
 U8_OFFSET = 128  # u8 = int8 + 128: vpdpbusd multiplies unsigned bytes by signed bytes
@@ -136,7 +161,7 @@ def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, targ
     o, c, kh, kw = weight.shape
     layout = conv_layout(target, params.nonneg)
     if layout.data == "uint8" and 255 * 128 * c * kh * kw >= 2**31:  # u8 sums could overflow
-        layout = VNNI_PAIRS if layout == VNNI_QUADS else PAIRS
+        layout = VNNI_PAIRS if layout.block == 16 else PAIRS
     block, group = layout.block, layout.group
     ob, cg = -(-o // block), -(-c // group)
     w = np.zeros((ob * block, cg * group, kh, kw), np.int16 if group == 2 else np.int8)
@@ -187,6 +212,11 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tenso
         # vpmaddubsw's int16 pair sums are exact only for u8 operands <= 127
         raise ValueError("AVX2 u8 quads need an input (and padding) known to lie in [0, 127]")
 
+    # AMX tiles take 16 pixels of a row: the accumulator row is padded to whole tiles (the
+    # pad columns read padding, or the last pixel, and are never requantized)
+    amx = packing == AMX_QUADS and amx_fits(cg * group, ow)
+    acc_w = -(-ow // AMX_ROWS) * AMX_ROWS if amx else ow
+
     def element(b, ch, y, x):
         return data[b, y, x, ch] if nhwc else data[b, ch, y, x]
 
@@ -195,10 +225,11 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tenso
     if subsample:
         def pack(b, y, x, cc, j):
             ch = cc * group + j
-            value = element(b, tirx.min(ch, c - 1), y * sh, x * sw).astype("int16") + offset
+            value = element(b, tirx.min(ch, c - 1), y * sh, tirx.min(x, ow - 1) * sw)
+            value = value.astype("int16") + offset
             return tirx.if_then_else(ch < c, value.astype(dtype), tirx.const(offset, dtype))
 
-        packed = te.compute((n, oh, ow, cg, group), pack, name="tvmq_conv_data_pack")
+        packed = te.compute((n, oh, acc_w, cg, group), pack, name="tvmq_conv_data_pack")
         (sh, sw) = (1, 1)
     else:
         def pack(b, y, x, cc, j):
@@ -208,18 +239,21 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tenso
             # padded channels have zero weights: any value works; keep them like padding
             return tirx.if_then_else(inside, value.astype(dtype), tirx.const(offset + pad, dtype))
 
-        packed = te.compute((n, h + pt + pb, w + pl + pr, cg, group), pack,
+        width = max(w + pl + pr, (acc_w - 1) * sw + (kw - 1) * dw + 1)
+        packed = te.compute((n, h + pt + pb, width, cg, group), pack,
                             name="tvmq_conv_data_pack")
     rc, ry, rx, rj = (te.reduce_axis((0, cg), "rc"), te.reduce_axis((0, kh), "ry"),
                       te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, group), "rj"))
+    # an AMX conv carries its strides and dilation for schedules.amx (its tile addresses)
+    amx_attrs = {AMX_ATTR: [sw, dh, dw]} if amx else {}
     acc = te.compute(
-        (n, oh, ow, ob * block),
+        (n, oh, acc_w, ob * block),
         lambda b, y, x, oc: te.sum(
             packed[b, y * sh + ry * dh, x * sw + rx * dw, rc, rj].astype("int32")
             * weight[oc // block, ry, rx, rc, oc % block, rj].astype("int32"),
             axis=[ry, rx, rc, rj]),
         name="tvmq_conv_acc", attrs={"schedule_rule": "tvmq_qconv2d_pairs",
-                                     "tvmq_block": block})
+                                     "tvmq_block": block, **amx_attrs})
 
     def requant(b, y, x, oc):
         channel = tirx.min(oc, o - 1)
@@ -227,7 +261,7 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tenso
 
     if nhwc:
         return te.compute((n, oh, ow, o), requant, name="tvmq_conv_requant")
-    blocked = te.compute(acc.shape, requant, name="tvmq_conv_requant")
+    blocked = te.compute((n, oh, ow, ob * block), requant, name="tvmq_conv_requant")
     return te.compute((n, o, oh, ow), lambda b, oc, y, x: blocked[b, y, x, oc],
                       name="tvmq_conv_unpack")
 
