@@ -132,10 +132,10 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     if "tvmq_dense_as_image" in blocks:  # dense = 1x1 conv: its reshapes are free
         sch.compute_inline(blocks["tvmq_dense_as_image"])
         sch.reverse_compute_inline(blocks["tvmq_dense_out"])
-    if AMX_ATTR in sch.get(conv).annotations:  # topi_ops.conv2d chose AMX tiles for it
-        return schedule_conv_amx(sch, conv, target)
     requant = sch.get_sblock("tvmq_conv_requant")
     inline_epilogue(sch, blocks.get("tvmq_conv_unpack", requant))
+    if AMX_ATTR in sch.get(conv).annotations:  # topi_ops.conv2d chose AMX tiles for it
+        return schedule_conv_amx(sch, conv, target)
     extents = conv_loop_extents(sch, conv)
     n, y, x, ob, oi, ry, rx, rc, rj = split_channels(sch, conv)
     choice = choice or default_conv_schedule(sch, conv, target, extents)

@@ -57,6 +57,31 @@ def test_residual_add_runs_in_the_conv_epilogue_exactly(gen, groups, add_first):
     assert_bit_exact(run_tvm(m, x), m(x))
 
 
+def test_residual_add_in_the_epilogue_of_an_amx_conv(gen, monkeypatch):
+    """The AMX row kernel takes the add too (tiles emulated by TIR loops on hosts without
+    AMX, ``schedules.amx.EMULATE``; 64 channels fill a tile row)."""
+    import schedules.amx
+
+    monkeypatch.setattr(schedules.amx, "EMULATE", True)
+    target = {"kind": "llvm", "mcpu": str(HOST.attrs["mcpu"]), "num-cores": 2,
+              "mattr": ["+amx-tile", "+amx-int8"]}
+    w = int8(64, 64, 3, 3, gen=gen)
+    w[0] = 127
+    b = torch.randint(-4000, 4000, (64,), generator=gen, dtype=torch.int32)
+    m = OpModule(lambda x, w, b: ops.qadd(
+        ops.qconv2d(x, w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0, 8, False, 8), x, 1, 0, True, 8),
+        w, b)
+    x = int8(1, 64, 5, 20, gen=gen)
+    x[0, :, 0] = -128
+    funcs = kernels(m, x, target=resolve(target))
+    (fused,) = [f for n, f in funcs.items() if n.startswith("tvmq_qconv2d") and "qadd" in n]
+    script = fused.script()
+    # the AMX kernel: its accumulator row padded to whole 16-pixel tiles (20 -> 32)
+    assert '(T.int64(1), T.int64(5), T.int64(32), T.int64(64)), "int32"' in script
+    assert "requant_intermediate" not in script
+    assert_bit_exact(run_tvm(m, x, target=target), m(x))
+
+
 def test_conv_output_read_twice_is_not_fused(gen):
     m = _block(gen, 1, False, reuse=True)
     x = int8(1, 16, 8, 8, gen=gen)
