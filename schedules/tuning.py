@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import tvm
@@ -243,9 +244,17 @@ def _connect_direct(rpc_config):
                        session_timeout=rpc_config.session_timeout_sec)
 
 
+def _use_threads(n: int) -> None:
+    """In a measuring worker, before its TVM pool exists: ``n`` threads, as the model runs
+    (TVM's own default is half the logical CPUs: 1 on a 2-vCPU machine, and schedules tuned
+    on 1 thread lose on 2)."""
+    os.environ["TVM_NUM_THREADS"] = str(n)
+
+
 def runner_for(rpc: str | None = None, tracker: str | None = None, key: str | None = None,
-               timeout: float = 60):
-    """Local measurement, or on a board: a server (``rpc``) or the boards of a tracker key."""
+               timeout: float = 60, threads: int | None = None):
+    """Local measurement (on ``threads`` TVM threads: the target's cores), or on a board: a
+    server (``rpc``) or the boards of a tracker key."""
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=50,
                                           enable_cpu_cache_flush=False)
     if tracker or rpc:
@@ -255,7 +264,9 @@ def runner_for(rpc: str | None = None, tracker: str | None = None, key: str | No
                                      session_timeout_sec=int(timeout) * 4)
         return ms.runner.RPCRunner(config, evaluator, max_workers=1,
                                    f_create_session=None if tracker else _connect_direct)
-    return ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator)
+    return ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator,
+                                 initializer=partial(_use_threads, threads or
+                                                     len(os.sched_getaffinity(0))))
 
 
 @derived_object
@@ -307,7 +318,8 @@ def tune(tasks: list, target: tvm.target.Target, db_dir: str | Path, trials: int
         ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(db_dir),
                       max_trials_global=trials, max_trials_per_task=trials,
                       num_trials_per_iter=16, builder=_InProcessBuilder(target),
-                      runner=runner or runner_for(timeout=timeout), database=database,
+                      runner=runner or runner_for(timeout=timeout, threads=int(
+                          target.attrs.get("num-cores", 0) or 0) or None), database=database,
                       measure_callbacks=callbacks, cost_model="xgb")
     return {"seconds": round(time.perf_counter() - start, 1), "errors": list(monitor.errors),
             "tasks": [

@@ -58,6 +58,23 @@ def test_database_of_another_model_is_reported_as_matching_nothing(db, tmp_path)
     assert "matches none" in _schedules_line(art.manifest)
 
 
+def test_candidates_are_measured_on_the_targets_threads():
+    """MetaSchedule's measuring worker runs TVM on as many threads as the model will (the
+    target's cores), not TVM's default (half the logical CPUs: 1 on a 2-vCPU machine), so
+    the schedule it picks is the one that is fastest where it runs. Timing-free: the
+    worker's runtime.NumThreads."""
+    from schedules.tuning import runner_for
+
+    def tvm_threads():
+        import tvm
+        return int(tvm.get_global_func("runtime.NumThreads")())
+
+    for threads, want in ((1, 1), (None, len(os.sched_getaffinity(0)))):
+        runner = runner_for(threads=threads)
+        assert runner.pool.submit(tvm_threads).result() == want
+        runner.pool.shutdown()
+
+
 def test_rerun_resumes(program, db):
     before = records(db)
     tune(program, "x86", db, trials=2, max_tasks=2)
