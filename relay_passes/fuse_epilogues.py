@@ -33,7 +33,6 @@ class _EpilogueFuser(PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
         self.mod_ = mod
-        self.fused = 0
 
     def transform(self) -> tvm.IRModule:
         for gv, func in list(self.mod_.functions_items()):
@@ -82,7 +81,6 @@ class _EpilogueFuser(PyExprMutator):
                     [conv_out if a.same_as(conv_var) else next(rest)
                      for a in add.args[1].fields]), add.ty))
             bb.emit_func_output(out)
-        self.fused += 1
         return relax.Call(self.builder_.add_func(bb.get()[name], name), conv_args + others)
 
 
