@@ -201,10 +201,11 @@ def test_asm_vpmaddubsw_only_for_nonneg_input():
 
 # ----------------------------------------------------------------------------- a whole model
 def kernel_instructions(asm: str) -> dict[str, str]:
-    """The assembly of each conv/dense kernel's compute function, by its global label."""
+    """The assembly of each conv/dense kernel's compute function (a fused residual add in its
+    name: ``_tvmq_qaddN``), by its global label."""
     starts = [(m.start(), m.group(1)) for m in re.finditer(r"^([A-Za-z_][\w.$]*):", asm, re.M)]
     return {name: asm[a:b] for (a, name), (b, _) in zip(starts, starts[1:] + [(len(asm), "")])
-            if re.match(r"tvmq_q(conv2d|dense)\d*_compute_", name)}
+            if re.match(r"tvmq_q(conv2d|dense)\d*(_tvmq_qadd\d+)?_compute_", name)}
 
 
 @needs_avx2
