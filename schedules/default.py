@@ -19,7 +19,7 @@ from schedules.elementwise import SCHEDULED, inline_epilogue, is_scheduled, sche
 from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, DOT_8X4_NEON_S8,
                                   DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI)
 from schedules.targets import has_feature
-from topi_ops.conv2d import AMX_ATTR
+from topi_ops.conv2d import AMX_ATTR, GATHERED
 
 def register_tile(out_blocks: int, width: int) -> tuple[int, int]:
     """(output-channel blocks, output columns) of the int32 accumulator tile kept in the 16
@@ -85,13 +85,18 @@ def default_conv_schedule(sch: s_tir.Schedule, conv, target, extents) -> ConvSch
     core): a thread then does every channel tile of its row while the input rows are hot
     (6-12 % faster than sharing (channel tile, row) pairs on ResNet-18's 3x3 convs, AVX-512
     VNNI host); else (channel tile, row) pairs, so that every core has work. Small rows pack
-    their own input (``ROW_PACK_MACS``)."""
+    their own input (``ROW_PACK_MACS``), unless the pack gathers channels (``GATHERED``)."""
     _n, y, *per_row = (int(sch.get(lp).extent) for lp in sch.get_loops(conv))
     cores = int(target.attrs.get("num-cores", 1) or 1) if target is not None else 1
     row_macs = int(np.prod(per_row))
+    # a gathered pack (channels padded to the group, e.g. RGB) repeated per row costs more
+    # than the pass it saves: ResNet-20's stem 6.3 us packed ahead vs 9.6 per row
+    packs = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+             if sch.get(b).name_hint == "tvmq_conv_data_pack"]
+    gathered = any(GATHERED in sch.get(b).annotations for b in packs)
     return ConvSchedule(register_tile(*extents),
                         parallel="rows" if y >= 4 * cores else "channels",
-                        pack_per_row=row_macs < ROW_PACK_MACS)
+                        pack_per_row=row_macs < ROW_PACK_MACS and not gathered)
 
 
 def conv_schedules(out_blocks: int, width: int, target=None, lanes: int = 8) -> list[ConvSchedule]:

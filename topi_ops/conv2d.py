@@ -111,6 +111,7 @@ def amx_fits(channels: int, out_width: int) -> bool:
     return channels % AMX_DEPTH == 0 and out_width >= 4
 
 
+GATHERED = "tvmq_gathered"  # on a data pack whose channels do not fill whole groups
 U8_OFFSET = 128  # u8 = int8 + 128: vpdpbusd multiplies unsigned bytes by signed bytes
 
 
@@ -240,8 +241,11 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tenso
             return tirx.if_then_else(inside, value.astype(dtype), tirx.const(offset + pad, dtype))
 
         width = max(w + pl + pr, (acc_w - 1) * sw + (kw - 1) * dw + 1)
+        # input channels that do not fill whole groups (an RGB stem) are gathered pixel by
+        # pixel, not copied: schedules pack such data once, ahead, not per output row
         packed = te.compute((n, h + pt + pb, width, cg, group), pack,
-                            name="tvmq_conv_data_pack")
+                            name="tvmq_conv_data_pack",
+                            attrs={GATHERED: True} if c % group else None)
     rc, ry, rx, rj = (te.reduce_axis((0, cg), "rc"), te.reduce_axis((0, kh), "ry"),
                       te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, group), "rj"))
     # an AMX conv carries its strides and dilation for schedules.amx (its tile addresses)
