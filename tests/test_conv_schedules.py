@@ -117,22 +117,26 @@ def test_depthwise_conv_is_tuned(tmp_path):
     assert len(summary["tasks"]) == 1 and summary["tasks"][0]["best_ms"] > 0
 
 
-@pytest.mark.parametrize("hw,parallel", [(14, "rows"), (7, "channels")])
-def test_default_shares_rows_only_when_every_core_gets_several(hw, parallel):
+def _default_choice(channels: int, out_channels: int, hw: int, params):
+    """The default ConvSchedule of a 3x3 NHWC conv on a 2-core AVX-512 VNNI target."""
     from schedules.default import default_conv_schedule
 
     two_cores = resolve({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
-    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True, nonneg=True)
-    w = np.zeros((32, 16, 3, 3), np.int8)
-    wp, bp = pack_conv2d(w, np.zeros(32, np.int32), params, two_cores)
-    data = te.placeholder((1, hw, hw, 16), "int8", "data")
+    w = np.zeros((out_channels, channels, 3, 3), np.int8)
+    wp, bp = pack_conv2d(w, np.zeros(out_channels, np.int32), params, two_cores)
+    data = te.placeholder((1, hw, hw, channels), "int8", "data")
     wt, bt = te.placeholder(wp.shape, str(wp.dtype), "w"), te.placeholder(bp.shape, "int32", "b")
     out = qconv2d(data, wt, bt, weight_shape=w.shape, params=params, target=two_cores,
                   layout="NHWC")
     sch = s_tir.Schedule(te.create_prim_func([data, wt, bt, out]))
     conv = sch.get_sblock("tvmq_conv_acc")
-    choice = default_conv_schedule(sch, conv, two_cores, conv_loop_extents(sch, conv))
-    assert choice.parallel == parallel
+    return default_conv_schedule(sch, conv, two_cores, conv_loop_extents(sch, conv))
+
+
+@pytest.mark.parametrize("hw,parallel", [(14, "rows"), (7, "channels")])
+def test_default_shares_rows_only_when_every_core_gets_several(hw, parallel):
+    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True, nonneg=True)
+    assert _default_choice(16, 32, hw, params).parallel == parallel
 
 
 @pytest.mark.parametrize("channels,per_row", [(16, True), (3, False)])
@@ -140,17 +144,5 @@ def test_small_rows_pack_per_row_unless_the_pack_gathers_channels(channels, per_
     """Small rows pack their own input inside each row task, but an RGB input (3 channels
     padded to a quad) is gathered pixel by pixel: repeated for every output row that reads
     it, that costs more than the pass it saves (ResNet-20's stem 9.6 -> 6.3 us)."""
-    from schedules.default import default_conv_schedule
-
-    two_cores = resolve({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
-    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True)
-    w = np.zeros((16, channels, 3, 3), np.int8)
-    wp, bp = pack_conv2d(w, np.zeros(16, np.int32), params, two_cores)
-    data = te.placeholder((1, 32, 32, channels), "int8", "data")
-    wt, bt = te.placeholder(wp.shape, str(wp.dtype), "w"), te.placeholder(bp.shape, "int32", "b")
-    out = qconv2d(data, wt, bt, weight_shape=w.shape, params=params, target=two_cores,
-                  layout="NHWC")
-    sch = s_tir.Schedule(te.create_prim_func([data, wt, bt, out]))
-    conv = sch.get_sblock("tvmq_conv_acc")
-    choice = default_conv_schedule(sch, conv, two_cores, conv_loop_extents(sch, conv))
+    choice = _default_choice(channels, 16, 32, Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True))
     assert choice.parallel == "rows" and choice.pack_per_row == per_row
