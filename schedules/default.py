@@ -91,9 +91,8 @@ def default_conv_schedule(sch: s_tir.Schedule, conv, target, extents) -> ConvSch
     row_macs = int(np.prod(per_row))
     # a gathered pack (channels padded to the group, e.g. RGB) repeated per row costs more
     # than the pass it saves: ResNet-20's stem 6.3 us packed ahead vs 9.6 per row
-    packs = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
-             if sch.get(b).name_hint == "tvmq_conv_data_pack"]
-    gathered = any(GATHERED in sch.get(b).annotations for b in packs)
+    gathered = any(sch.get(b).name_hint == "tvmq_conv_data_pack" and GATHERED in
+                   sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
     return ConvSchedule(register_tile(*extents),
                         parallel="rows" if y >= 4 * cores else "channels",
                         pack_per_row=row_macs < ROW_PACK_MACS and not gathered)

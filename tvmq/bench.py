@@ -387,12 +387,18 @@ def _machine(threads: int) -> dict:
             "tvmq_commit": head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")}
 
 
+def _fastest_int8_ms(results: dict) -> float | None:
+    """The median of the fastest int8 runtime a user could pick instead, if any ran."""
+    int8 = [r["median_ms"] for p, r in results.items() if p in INT8_PEERS and "median_ms" in r]
+    return min(int8) if int8 else None
+
+
 def _ratios(results: dict) -> dict:
     """``{"peer/baseline": median ratio}`` for every measured peer and baseline."""
     ok = {p: r["median_ms"] for p, r in results.items() if "median_ms" in r}
-    int8 = [p for p in INT8_PEERS if p in ok]
-    if int8:  # the fastest of the int8 runtimes a user could pick instead
-        ok["fastest_int8"] = min(ok[p] for p in int8)
+    fastest = _fastest_int8_ms(results)
+    if fastest is not None:
+        ok["fastest_int8"] = fastest
     return {f"{p}/{b}": ok[p] / ok[b] for p in ok if p in results
             for b in BASELINES if b in ok and b != p}
 
@@ -616,10 +622,10 @@ def _bound_line(bound: dict, results: dict) -> str:
     schedule of these MACs can beat (a goal below it needs fewer MACs or a faster unit)."""
     line = (f"MAC bound: {bound['conv_gmac']:.3f} GMAC of convolutions at the peak ="
             f" {bound['ms']:.3f} ms")
-    int8 = [r["median_ms"] for p, r in results.items() if p in INT8_PEERS and "median_ms" in r]
-    if int8:
-        bound["fastest_int8_peer_ms"] = min(int8)
-        bound["ratio_to_fastest_int8_peer"] = bound["ms"] / min(int8)
+    fastest = _fastest_int8_ms(results)
+    if fastest is not None:
+        bound["fastest_int8_peer_ms"] = fastest
+        bound["ratio_to_fastest_int8_peer"] = bound["ms"] / fastest
         line += f" = {bound['ratio_to_fastest_int8_peer']:.2f}× the fastest int8 peer"
     return line
 
