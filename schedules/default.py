@@ -21,14 +21,19 @@ from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, D
 from schedules.targets import has_feature
 from topi_ops.conv2d import AMX_ATTR, GATHERED
 
-def register_tile(out_blocks: int, width: int) -> tuple[int, int]:
-    """(output-channel blocks, output columns) of the int32 accumulator tile kept in the 16
-    AVX2/NEON registers. Each reduction step loads one broadcast per column and one weight
-    vector per block: 2 blocks x 4..6 columns does 8..12 multiply-adds per 6..8 loads (with
-    15 registers at most); narrow rows (7, 14) fall back to 1 block x up to 8 columns."""
-    cols = max(t for t in range(1, 7) if width % t == 0)
-    if cols >= 4 and out_blocks % 2 == 0:
-        return 2, cols
+def register_tile(out_blocks: int, width: int, target=None) -> tuple[int, int]:
+    """(output-channel blocks, output columns) of the int32 accumulator tile kept in vector
+    registers. Each reduction step loads one broadcast per column and one weight vector per
+    block: 2 blocks x 4..6 columns does 8..12 multiply-adds per 6..8 loads (15 of 16 AVX2 or
+    NEON registers at most). Narrow rows (7, 14) take 2 blocks x 7 where AVX-512's 32 zmm hold
+    them (the tile tuning picked there: ResNet-18's 7x7 layers 7-24 % faster than 1 x 7; on
+    wider rows 2 x 8 was no faster than 2 x 4, on ResNet-20's 16-pixel rows slower), else
+    1 block x up to 8 columns."""
+    count, size = vector_registers(target)
+    for most in (6, 8) if (count, size) == (32, 64) else (6,):
+        cols = max(t for t in range(1, most + 1) if width % t == 0)
+        if cols >= 4 and out_blocks % 2 == 0:
+            return 2, cols
     return 1, max(t for t in range(1, 9) if width % t == 0)
 
 
@@ -93,7 +98,7 @@ def default_conv_schedule(sch: s_tir.Schedule, conv, target, extents) -> ConvSch
     # than the pass it saves: ResNet-20's stem 6.3 us packed ahead vs 9.6 per row
     gathered = any(sch.get(b).name_hint == "tvmq_conv_data_pack" and GATHERED in
                    sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
-    return ConvSchedule(register_tile(*extents),
+    return ConvSchedule(register_tile(*extents, target),
                         parallel="rows" if y >= 4 * cores else "channels",
                         pack_per_row=row_macs < ROW_PACK_MACS and not gathered)
 

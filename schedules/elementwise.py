@@ -21,7 +21,8 @@ VECTOR = 16  # int8/int32 lanes per chunk: a multiple of the NEON and AVX2 width
 # below this many loop iterations (a few microseconds of vector work) a kernel runs on one
 # core: waking the pool and waiting at its barrier costs more than it saves
 PARALLEL_MIN_WORK = 1 << 15
-REDUCE_VECTOR = 8  # output columns computed together by a pooling window loop
+REDUCE_VECTOR = 8  # output columns computed together by a pooling window loop (at least)
+VECTOR_BYTES = 64  # widest vector register (AVX-512); narrower targets split it
 
 
 def inline_epilogue(sch: s_tir.Schedule, block) -> None:
@@ -50,6 +51,11 @@ def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) ->
         if work >= PARALLEL_MIN_WORK and int(sch.get(loop).extent) >= 2 * cores:
             sch.parallel(loop)
 
+    if n_spatial == len(kinds) >= 2 and (gather := _transposed_read(sch, block, loops)):
+        # a layout change whose output rows are shorter than a vector (NCHW RGB -> NHWC):
+        # vectorize along the input's contiguous rows, not across a gather of every pixel
+        sch.reorder(*[lp for lp in loops if lp != gather], gather)
+        loops = sch.get_loops(block)
     width = int(sch.get(loops[n_spatial - 1]).extent)
     if n_spatial == len(kinds) >= 2:
         # elementwise: vectorize the shortest run of innermost loops that fills a vector and
@@ -68,7 +74,10 @@ def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) ->
     if n_spatial < len(kinds) and n_spatial >= 2 and width % REDUCE_VECTOR == 0:
         # a window reduction (pooling): the window loops go outside a vector of columns
         outer = sch.fuse(*loops[:n_spatial - 1]) if n_spatial > 2 else loops[0]
-        xo, xi = sch.split(loops[n_spatial - 1], [None, REDUCE_VECTOR])
+        # one vector register of output columns (NHWC channels): 64 int8 on AVX-512
+        lanes = max(v for v in (REDUCE_VECTOR, 16, 32, 64) if width % v == 0
+                    and v * _bytes(sch, block) <= VECTOR_BYTES)
+        xo, xi = sch.split(loops[n_spatial - 1], [None, lanes])
         sch.reorder(xo, *loops[n_spatial:], xi)
         sch.vectorize(xi)
         share(outer)
@@ -79,6 +88,23 @@ def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) ->
         fused, inner = sch.split(fused, [None, VECTOR])
         sch.vectorize(inner)
     share(fused)
+
+
+def _bytes(sch: s_tir.Schedule, block) -> int:
+    return tvm.DataType(str(sch.get(block).writes[0].source.dtype)).bits // 8
+
+
+def _transposed_read(sch: s_tir.Schedule, block, loops):
+    """The loop that indexes the innermost axis of the block's (only) input, when that is
+    not the output's innermost loop and the output's innermost extent is under a vector."""
+    stmt = sch.get(block)
+    if len(stmt.reads) != 1 or int(sch.get(loops[-1]).extent) >= REDUCE_VECTOR:
+        return None
+    inner = stmt.reads[0].region[-1].min
+    for var, loop in zip(stmt.iter_vars, loops):
+        if inner.same_as(var.var) and loop != loops[-1]:
+            return loop if int(sch.get(loop).extent) % REDUCE_VECTOR == 0 else None
+    return None
 
 
 def schedule_memory_bound(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:

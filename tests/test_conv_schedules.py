@@ -8,7 +8,7 @@ import tvm
 from tvm import s_tir, te
 
 from schedules.default import (ConvSchedule, conv_loop_extents, conv_schedules,
-                               register_tiles, schedule_conv_pairs)
+                               register_tile, register_tiles, schedule_conv_pairs)
 from schedules.targets import resolve
 from topi_ops.conv2d import Conv2dParams, pack_conv2d, qconv2d
 
@@ -26,6 +26,18 @@ def test_tiles_fit_the_registers():
     # NEON: 8 int32 lanes take 2 q registers
     assert max(2 * b * (c + 1) + 1 for b, c in register_tiles(8, 56, a72)) <= 32
     assert register_tiles(3, 7, avx2) == [(1, 1), (1, 7)]
+
+
+def test_default_tile_uses_the_register_file():
+    """16 registers: 2 blocks x up to 6 columns (1 x 7 on 7-pixel rows); AVX-512's 32 zmm
+    take 2 x 7 on those rows; every default tile is one that tuning measures too."""
+    avx2 = resolve({"kind": "llvm", "mcpu": "haswell"})
+    avx512 = resolve({"kind": "llvm", "mcpu": "icelake-server"})
+    assert [register_tile(8, w, avx2) for w in (56, 14, 7)] == [(2, 4), (1, 7), (1, 7)]
+    assert [register_tile(8, w, avx512) for w in (56, 14, 7)] == [(2, 4), (2, 7), (2, 7)]
+    assert register_tile(3, 7, avx512) == (1, 7)  # an odd number of blocks: one at a time
+    for blocks, width in ((8, 56), (32, 7), (4, 112), (3, 12)):
+        assert register_tile(blocks, width, avx512) in register_tiles(blocks, width, avx512, 16)
 
 
 def _kernel(choice, nonneg=True):

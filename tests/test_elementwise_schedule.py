@@ -4,12 +4,18 @@ few microseconds, more than a small kernel's whole run (ResNet-20's input quanti
 classifier)."""
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
+import torch
+import tvm
 from tvm import te
 
+import tvmq.ops  # noqa: F401  the tvmq:: reference ops
 from schedules.elementwise import PARALLEL_MIN_WORK, schedule_memory_bound
 from schedules.targets import resolve
-from topi_ops import elementwise
+from topi_ops import elementwise, pool
 
 
 @pytest.mark.parametrize("hw,shared", [(16, False), (224, True)])
@@ -20,3 +26,45 @@ def test_small_kernels_stay_on_one_core(hw, shared):
     assert (3 * hw * hw >= PARALLEL_MIN_WORK) == shared
     assert ("T.parallel" in script) == shared, script
     assert "T.vectorized" in script
+
+
+def _build(func, target):
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    return lambda *arrays: [lib["main"](*[tvm.runtime.tensor(a) for a in arrays[:-1]],
+                                        out := tvm.runtime.tensor(arrays[-1])), out.numpy()][1]
+
+
+@pytest.mark.parametrize("channels,lanes", [(64, 64), (24, 8), (5, None)])
+def test_max_pool_vectorizes_a_register_of_channels(channels, lanes, gen):
+    """NHWC max pool: the window loops run around one vector register of channels (64 int8
+    on AVX-512); the padding never wins, -128 and 127 pass through."""
+    x = torch.randint(-128, 128, (1, channels, 13, 12), generator=gen, dtype=torch.int8)
+    x[0, :, 0, :] = -128
+    x[0, :, 5, 7] = 127
+    data = te.placeholder((1, 13, 12, channels), "int8", name="data")
+    out = pool.qmax_pool2d(data, (3, 3), (2, 2), (1, 1, 1, 1), layout="NHWC")
+    host = resolve("x86")
+    func = schedule_memory_bound(te.create_prim_func([data, out]), host)
+    if lanes:
+        assert re.search(rf"T\.vectorized\((T\.int64\()?{lanes}\)", func.script())
+    got = _build(func, host)(x.permute(0, 2, 3, 1).contiguous().numpy(),
+                             np.zeros([int(d) for d in out.shape], np.int8))
+    want = torch.ops.tvmq.qmax_pool2d(x, [3, 3], [2, 2], [1, 1, 1, 1])
+    np.testing.assert_array_equal(got, want.permute(0, 2, 3, 1).numpy())
+
+
+def test_quantize_into_nhwc_reads_rows_contiguously(gen):
+    """The input quantize of an RGB image (NCHW float -> NHWC int8, 3 channels) is vectorized
+    along the image rows it reads, not across a gather of pixels; exact on halves, NaN and
+    saturation."""
+    x = torch.randn(1, 3, 6, 32, generator=gen) * 4
+    x[0, 0, 0, :8] = torch.tensor([0.5, -0.5, 1.5, -1.5, 1e6, -1e6, float("nan"), 0.0]) / 32
+    data = te.placeholder((1, 3, 6, 32), "float32", name="x")
+    func = schedule_memory_bound(te.create_prim_func(
+        [data, elementwise.quantize(data, -5, 8, layout="NHWC")]), resolve("x86"))
+    script = func.script()
+    vectorized = script.split("T.vectorized")[0].split("for ")[-1].split(" in")[0]
+    assert vectorized.startswith("x_"), script  # the loop over the input's columns
+    got = _build(func, resolve("x86"))(x.numpy(), np.zeros((1, 6, 32, 3), np.int8))
+    want = torch.ops.tvmq.quantize(x, -5, 8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(got, want)
