@@ -191,8 +191,11 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         # (and no barrier) of its own, the rows hot in L1 (rows overlap: 3x3 packs each 3x)
         pack = sch.get_sblock("tvmq_conv_data_pack")
         sch.compute_at(pack, outer)
-        *_, cc, j = sch.get_loops(pack)
-        sch.vectorize(sch.fuse(cc, j))
+        if len(sch.get(pack).iter_vars) == 3:  # flat rows of folded taps: 64-byte chunks
+            sch.vectorize(sch.split(sch.get_loops(pack)[-1], [None, 64])[1])
+        else:
+            *_, cc, j = sch.get_loops(pack)
+            sch.vectorize(sch.fuse(cc, j))
     for name in ("tvmq_conv_data_pack", "tvmq_conv_unpack"):
         if name in blocks and (name != "tvmq_conv_data_pack" or not per_row):
             schedule_loop_nest(sch, sch.get_sblock(name), target)

@@ -35,8 +35,9 @@ CASES = [
     (1, 7, 9, 11, 5, 3, 1, (1, 1, 1, 1)),      # odd channels (C padded to 8, O to 8)
     (1, 24, 10, 10, 32, 1, 2, (0, 0, 0, 0)),   # 1x1 strided (packs every 2nd pixel)
     (2, 12, 7, 7, 8, 3, 2, (1, 0, 2, 1)),      # batch 2, stride 2, asymmetric padding
+    (1, 3, 12, 13, 8, 7, 2, (3, 3, 3, 3)),     # RGB 7x7 stem: taps folded into quads
 ]
-IDS = ["3x3pad", "odd", "1x1s2", "n2s2asym"]
+IDS = ["3x3pad", "odd", "1x1s2", "n2s2asym", "rgb7x7s2"]
 
 
 def edge_inputs(case, kind, gen):

@@ -20,6 +20,8 @@ CONV_CASES = [
     (1, 32, 14, 14, 64, 3, 2, (1, 1, 1, 1), 1, 1),     # ResNet-like downsampling conv
     (1, 6, 12, 12, 8, 3, 1, (2, 2, 2, 2), 2, 1),       # dilation 2
     (1, 20, 9, 9, 24, 1, 2, (0, 0, 0, 0), 1, 1),       # strided 1x1: packs every 2nd pixel
+    (1, 3, 20, 21, 16, 7, 2, (3, 3, 3, 3), 1, 1),      # RGB 7x7 stem: taps folded into quads
+    (1, 1, 9, 10, 8, 3, 1, (1, 0, 1, 2), 1, 1),        # grayscale 3x3: taps folded
 ]
 
 
