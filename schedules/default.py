@@ -66,8 +66,9 @@ class ConvSchedule:
     ``reduce_order``: ``"taps"`` walks ry, rx, then input channels (the default); ``"channels"``
     walks input channels outermost. ``parallel``: ``"channels"`` shares out (channel tile,
     row) pairs, a thread's weights stay hot across rows; ``"rows"`` shares out rows, a thread
-    does every channel tile of its row, its input rows stay hot. ``pack_per_row`` (with
-    rows): each row task packs the input rows it reads, instead of a packing pass ahead."""
+    does every channel tile of its row, its input rows stay hot; ``"none"``: rows on one
+    core. ``pack_per_row`` (rows, none): each row task packs the input rows it reads,
+    instead of a packing pass ahead."""
 
     tile: tuple[int, int]
     reduce_order: str = "taps"
@@ -75,7 +76,8 @@ class ConvSchedule:
     pack_per_row: bool = True  # with rows shared out: each task packs the rows it reads
 
     def __post_init__(self):
-        if self.reduce_order not in ("taps", "channels") or self.parallel not in ("channels", "rows"):
+        if self.reduce_order not in ("taps", "channels") or self.parallel not in (
+                "channels", "rows", "none"):
             raise ValueError(f"unknown conv schedule choice {self}")
 
 
@@ -83,13 +85,23 @@ class ConvSchedule:
 # barrier of its own): ResNet-20's layers (0.07-0.3 M) 8 % faster end to end; ResNet-18's
 # (2-16 M) 2 % slower (interleaved A/B, AVX-512 VNNI host)
 ROW_PACK_MACS = 1 << 20
+# below this many MACs a conv runs on one core: waking the pool and waiting at its barrier
+# costs more than the second core saves (ResNet-20's stem and strided 1x1s, 0.1-0.4 M: the
+# model 1-2 % faster in interleaved A/Bs; all of its convs under 3 M on one core: 30 % slower)
+SERIAL_MACS = 1 << 19
+
+
+def conv_macs(sch: s_tir.Schedule, conv) -> int:
+    """Multiply-adds of the conv block (padded channels included)."""
+    return int(np.prod([int(sch.get(lp).extent) for lp in sch.get_loops(conv)]))
 
 
 def default_conv_schedule(sch: s_tir.Schedule, conv, target, extents) -> ConvSchedule:
     """``register_tile``, taps first, rows shared out when there are enough of them (>= 4 per
     core): a thread then does every channel tile of its row while the input rows are hot
     (6-12 % faster than sharing (channel tile, row) pairs on ResNet-18's 3x3 convs, AVX-512
-    VNNI host); else (channel tile, row) pairs, so that every core has work. Small rows pack
+    VNNI host); else (channel tile, row) pairs, so that every core has work; convs under
+    ``SERIAL_MACS`` on one core. Small rows pack
     their own input (``ROW_PACK_MACS``), unless the pack gathers channels (``GATHERED``)."""
     _n, y, *per_row = (int(sch.get(lp).extent) for lp in sch.get_loops(conv))
     cores = int(target.attrs.get("num-cores", 1) or 1) if target is not None else 1
@@ -98,21 +110,27 @@ def default_conv_schedule(sch: s_tir.Schedule, conv, target, extents) -> ConvSch
     # than the pass it saves: ResNet-20's stem 6.3 us packed ahead vs 9.6 per row
     gathered = any(sch.get(b).name_hint == "tvmq_conv_data_pack" and GATHERED in
                    sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
-    return ConvSchedule(register_tile(*extents, target),
-                        parallel="rows" if y >= 4 * cores else "channels",
+    parallel = ("none" if conv_macs(sch, conv) < SERIAL_MACS
+                else "rows" if y >= 4 * cores else "channels")
+    return ConvSchedule(register_tile(*extents, target), parallel=parallel,
                         pack_per_row=row_macs < ROW_PACK_MACS and not gathered)
 
 
-def conv_schedules(out_blocks: int, width: int, target=None, lanes: int = 8) -> list[ConvSchedule]:
+def conv_schedules(out_blocks: int, width: int, target=None, lanes: int = 8,
+                   macs: int | None = None) -> list[ConvSchedule]:
     """The tuning space of one conv: every register tile with enough accumulators to cover
     the multiply-add's latency (>= 4, where the row allows) x reduction order x parallel loop
-    (channel tiles x rows; rows, packed ahead or by each row task)."""
+    (channel tiles x rows; rows, packed ahead or by each row task; one core too for convs
+    of under 4 x ``SERIAL_MACS``)."""
     tiles = register_tiles(out_blocks, width, target, lanes)
     enough = min(4, max(b * c for b, c in tiles))
+    loops = [("channels", False), ("rows", False), ("rows", True)]
+    if macs is not None and macs < 4 * SERIAL_MACS:
+        loops += [("none", False), ("none", True)]
     return [ConvSchedule(tile, order, par, per_row)
             for tile in tiles if tile[0] * tile[1] >= enough
             for order in ("taps", "channels")
-            for par, per_row in (("channels", False), ("rows", False), ("rows", True))]
+            for par, per_row in loops]
 
 
 def split_channels(sch: s_tir.Schedule, conv) -> list:
@@ -158,7 +176,8 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     else:
         sch.reorder(n, y, obo, xo, *reduce, obi, xi, oi, rj)
         outer = sch.fuse(n, y)
-    sch.parallel(outer)
+    if choice.parallel != "none":
+        sch.parallel(outer)
     # the accumulator tile [ob_tile, x_tile, 8] lives in registers; requantize right after it
     sch.reverse_compute_at(requant, xo)
     rq_loops = sch.get_loops(requant)
@@ -185,7 +204,7 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     sch.unroll(xi)
     sch.unroll(obi)
     sch.set_scope(init, 0, "local")  # after tensorize: the intrinsic matches global buffers
-    per_row = choice.parallel == "rows" and choice.pack_per_row
+    per_row = choice.parallel != "channels" and choice.pack_per_row
     if per_row and "tvmq_conv_data_pack" in blocks:
         # each row task packs the input rows it reads, just before it reads them: no pass
         # (and no barrier) of its own, the rows hot in L1 (rows overlap: 3x3 packs each 3x)

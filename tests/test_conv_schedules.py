@@ -7,8 +7,9 @@ import pytest
 import tvm
 from tvm import s_tir, te
 
-from schedules.default import (ConvSchedule, conv_loop_extents, conv_schedules,
-                               register_tile, register_tiles, schedule_conv_pairs)
+from schedules.default import (SERIAL_MACS, ConvSchedule, conv_loop_extents, conv_macs,
+                               conv_schedules, register_tile, register_tiles,
+                               schedule_conv_pairs)
 from schedules.targets import resolve
 from topi_ops.conv2d import Conv2dParams, pack_conv2d, qconv2d
 
@@ -40,8 +41,7 @@ def test_default_tile_uses_the_register_file():
         assert register_tile(blocks, width, avx512) in register_tiles(blocks, width, avx512, 16)
 
 
-def _kernel(choice, nonneg=True):
-    c, o, hw = 32, 64, 14
+def _kernel(choice, nonneg=True, c=32, o=64, hw=14):
     params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True, nonneg=nonneg)
     rng = np.random.default_rng(0)
     w = rng.integers(-128, 128, (o, c, 3, 3)).astype(np.int8)
@@ -52,8 +52,12 @@ def _kernel(choice, nonneg=True):
     sch = s_tir.Schedule(te.create_prim_func([data, wt, bt, out]))
     conv = sch.get_sblock("tvmq_conv_acc")
     if choice == "space":
-        return conv_schedules(*conv_loop_extents(sch, conv), HOST, int(wp.shape[4]))
+        return conv_schedules(*conv_loop_extents(sch, conv), HOST, int(wp.shape[4]),
+                              conv_macs(sch, conv))
     schedule_conv_pairs(sch, conv, HOST, choice)
+    if choice is None:  # the default: parallel unless the conv is small
+        small = 1 * hw * hw * (-(-o // 16) * 16) * 9 * c < SERIAL_MACS
+        assert ("T.parallel" in sch.mod["main"].script()) != small
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=HOST)
     x = rng.integers(0 if nonneg else -128, 128, (1, hw, hw, c)).astype(np.int8)
     result = tvm.runtime.tensor(np.zeros((1, hw, hw, o), np.int8))
@@ -148,7 +152,7 @@ def _default_choice(channels: int, out_channels: int, hw: int, params):
 @pytest.mark.parametrize("hw,parallel", [(14, "rows"), (7, "channels")])
 def test_default_shares_rows_only_when_every_core_gets_several(hw, parallel):
     params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True, nonneg=True)
-    assert _default_choice(16, 32, hw, params).parallel == parallel
+    assert _default_choice(64, 64, hw, params).parallel == parallel
 
 
 @pytest.mark.parametrize("channels,per_row", [(16, True), (3, False)])
@@ -158,3 +162,14 @@ def test_small_rows_pack_per_row_unless_the_pack_gathers_channels(channels, per_
     it, that costs more than the pass it saves (ResNet-20's stem 9.6 -> 6.3 us)."""
     choice = _default_choice(channels, 16, 32, Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True))
     assert choice.parallel == "rows" and choice.pack_per_row == per_row
+
+
+def test_small_conv_runs_on_one_core():
+    """A conv under SERIAL_MACS (ResNet-20's strided 1x1s) runs on one core by default; the
+    one-core choices are in its tuning space, and every one computes the default's integers."""
+    small = {"c": 8, "o": 16, "hw": 6}
+    space = _kernel("space", **small)
+    assert {c.parallel for c in space} == {"channels", "rows", "none"}
+    want = _kernel(None, **small)
+    for choice in [c for c in space if c.parallel == "none"][:4]:
+        np.testing.assert_array_equal(_kernel(choice, **small), want, err_msg=str(choice))
