@@ -182,11 +182,14 @@ def test_ratios_name_the_fastest_int8_peer_and_judge_the_goals():
     ratios = bench._ratios(results)
     assert ratios["et_int8/fastest_int8"] == 1.0
     assert abs(ratios["tvmq_w8a8/fastest_int8"] - 4.2 / 5.3) < 1e-12
-    default, tuned = bench._goal_lines(ratios)
+    default, tuned = bench._goal_lines(ratios, "resnet18")
     assert "0.79×" in default and "PASS" in default
     assert "0.74×" in tuned and "FAIL" in tuned
+    # ResNet-20's goal: ahead of every peer, default and tuned
+    for line in bench._goal_lines(ratios, "resnet20"):
+        assert "<= 1×" in line and "PASS" in line
     bound = {"conv_gmac": 1.82, "ms": 3.87}
     assert "0.73× the fastest int8 peer" in bench._bound_line(bound, results)
     assert bound["fastest_int8_peer_ms"] == 5.3
     without_peers = bench._ratios({"tvmq_w8a8": {"median_ms": 4.0}})
-    assert "not measured" in bench._goal_lines(without_peers)[0]
+    assert "not measured" in bench._goal_lines(without_peers, "resnet18")[0]
