@@ -210,11 +210,13 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         # (and no barrier) of its own, the rows hot in L1 (rows overlap: 3x3 packs each 3x)
         pack = sch.get_sblock("tvmq_conv_data_pack")
         sch.compute_at(pack, outer)
+        # the pack's own loops under the row loop (compute_at drops those of extent 1)
+        loops = sch.get_loops(pack)
+        own = loops[[sch.get(lp).same_as(sch.get(outer)) for lp in loops].index(True) + 1:]
         if len(sch.get(pack).iter_vars) == 3:  # flat rows of folded taps: 64-byte chunks
-            sch.vectorize(sch.split(sch.get_loops(pack)[-1], [None, 64])[1])
-        else:
-            *_, cc, j = sch.get_loops(pack)
-            sch.vectorize(sch.fuse(cc, j))
+            sch.vectorize(sch.split(own[-1], [None, 64])[1])
+        elif own:  # [.., C/G, G]: a pixel's channels
+            sch.vectorize(sch.fuse(*own[-2:]) if len(own) > 1 else own[-1])
     for name in ("tvmq_conv_data_pack", "tvmq_conv_unpack"):
         if name in blocks and (name != "tvmq_conv_data_pack" or not per_row):
             schedule_loop_nest(sch, sch.get_sblock(name), target)

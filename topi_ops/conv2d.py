@@ -127,6 +127,7 @@ def folds_taps(channels: int, kernel_w: int, group: int, params: "Conv2dParams")
     return (params.groups == 1 and kernel_w > 1 and params.dilation[1] == 1
             and -(-kernel_w * channels // group) < kernel_w * -(-channels // group))
 
+
 U8_OFFSET = 128  # u8 = int8 + 128: vpdpbusd multiplies unsigned bytes by signed bytes
 
 
