@@ -28,10 +28,12 @@ def test_small_kernels_stay_on_one_core(hw, shared):
     assert "T.vectorized" in script
 
 
-def _build(func, target):
+def _run(func, target, *arrays) -> np.ndarray:
+    """Compile ``func`` for ``target``, run it on ``arrays`` (the last one its output)."""
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
-    return lambda *arrays: [lib["main"](*[tvm.runtime.tensor(a) for a in arrays[:-1]],
-                                        out := tvm.runtime.tensor(arrays[-1])), out.numpy()][1]
+    tensors = [tvm.runtime.tensor(a) for a in arrays]
+    lib["main"](*tensors)
+    return tensors[-1].numpy()
 
 
 @pytest.mark.parametrize("channels,lanes", [(64, 64), (24, 8), (5, None)])
@@ -47,8 +49,8 @@ def test_max_pool_vectorizes_a_register_of_channels(channels, lanes, gen):
     func = schedule_memory_bound(te.create_prim_func([data, out]), host)
     if lanes:
         assert re.search(rf"T\.vectorized\((T\.int64\()?{lanes}\)", func.script())
-    got = _build(func, host)(x.permute(0, 2, 3, 1).contiguous().numpy(),
-                             np.zeros([int(d) for d in out.shape], np.int8))
+    got = _run(func, host, x.permute(0, 2, 3, 1).contiguous().numpy(),
+               np.zeros([int(d) for d in out.shape], np.int8))
     want = torch.ops.tvmq.qmax_pool2d(x, [3, 3], [2, 2], [1, 1, 1, 1])
     np.testing.assert_array_equal(got, want.permute(0, 2, 3, 1).numpy())
 
@@ -65,6 +67,6 @@ def test_quantize_into_nhwc_reads_rows_contiguously(gen):
     script = func.script()
     vectorized = script.split("T.vectorized")[0].split("for ")[-1].split(" in")[0]
     assert vectorized.startswith("x_"), script  # the loop over the input's columns
-    got = _build(func, resolve("x86"))(x.numpy(), np.zeros((1, 6, 32, 3), np.int8))
+    got = _run(func, resolve("x86"), x.numpy(), np.zeros((1, 6, 32, 3), np.int8))
     want = torch.ops.tvmq.quantize(x, -5, 8).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(got, want)

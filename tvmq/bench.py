@@ -39,9 +39,8 @@ LABELS = {"torch_fp32": "PyTorch fp32", "torch_int8": "PyTorch int8 (x86)",
 BASELINES = ("torch_fp32", "torch_int8", "fastest_int8")
 SHORT = {"torch_fp32": "fp32", "torch_int8": "int8", "fastest_int8": "fastest int8 peer"}
 INT8_PEERS = ("torch_int8", "ort_int8", "et_int8")  # the int8 runtimes a user could pick instead
-# issue 11's goals: tvmq against the fastest int8 peer on the same host, same run
-# issue 11's goals, per model: (peer, at most this x the fastest int8 peer); ResNet-20 "stays
-# ahead of every peer"
+# issue 11's goals per model: (peer, at most this x the fastest int8 peer on the same host,
+# same run); ResNet-20 "stays ahead of every peer"
 GOALS = {"resnet18": (("tvmq_w8a8", 0.8), ("tvmq_w8a8_tuned", 0.7)),
          "resnet20": (("tvmq_w8a8", 1.0), ("tvmq_w8a8_tuned", 1.0))}
 BAR = ("tvmq_w8a8", "torch_fp32", 2.0)  # the project's bar: tvmq W8A8 <= 2x PyTorch fp32
