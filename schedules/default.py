@@ -15,7 +15,8 @@ from tvm import s_tir, tirx
 from schedules.amx import schedule_conv_amx
 from schedules.bitserial import schedule_bitserial_conv2d
 from schedules.grouped import schedule_conv_grouped
-from schedules.elementwise import SCHEDULED, inline_epilogue, is_scheduled, schedule_loop_nest
+from schedules.elementwise import (SCHEDULED, inline_epilogue, is_scheduled, schedule_loop_nest,
+                                   schedule_padded_rows)
 from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, DOT_8X4_NEON_S8,
                                   DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI)
 from schedules.targets import has_feature
@@ -213,13 +214,15 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         # the pack's own loops under the row loop (compute_at drops those of extent 1)
         loops = sch.get_loops(pack)
         own = loops[[sch.get(lp).same_as(sch.get(outer)) for lp in loops].index(True) + 1:]
-        if len(sch.get(pack).iter_vars) == 3:  # flat rows of folded taps: 64-byte chunks
-            sch.vectorize(sch.split(own[-1], [None, 64])[1])
+        if len(sch.get(pack).iter_vars) == 3:  # flat rows of folded taps
+            schedule_padded_rows(sch, pack, target, own[0])
         elif own:  # [.., C/G, G]: a pixel's channels
             sch.vectorize(sch.fuse(*own[-2:]) if len(own) > 1 else own[-1])
     for name in ("tvmq_conv_data_pack", "tvmq_conv_unpack"):
         if name in blocks and (name != "tvmq_conv_data_pack" or not per_row):
-            schedule_loop_nest(sch, sch.get_sblock(name), target)
+            block = sch.get_sblock(name)
+            flat = name == "tvmq_conv_data_pack" and len(sch.get(block).iter_vars) == 3
+            (schedule_padded_rows if flat else schedule_loop_nest)(sch, block, target)
 
 
 RULES = {"tvmq_qconv2d_pairs": schedule_conv_pairs, "tvmq_qconv2d_grouped": schedule_conv_grouped,

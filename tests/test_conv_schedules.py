@@ -41,26 +41,30 @@ def test_default_tile_uses_the_register_file():
         assert register_tile(blocks, width, avx512) in register_tiles(blocks, width, avx512, 16)
 
 
-def _kernel(choice, nonneg=True, c=32, o=64, hw=14):
-    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True, nonneg=nonneg)
+def _kernel(choice, nonneg=True, c=32, o=64, hw=14, k=3, stride=1, script=None):
+    pad = k // 2
+    params = Conv2dParams((stride, stride), (pad,) * 4, (1, 1), 1, 9, True, nonneg=nonneg)
     rng = np.random.default_rng(0)
-    w = rng.integers(-128, 128, (o, c, 3, 3)).astype(np.int8)
+    w = rng.integers(-128, 128, (o, c, k, k)).astype(np.int8)
     wp, bp = pack_conv2d(w, rng.integers(-999, 999, o).astype(np.int32), params, HOST)
     data = te.placeholder((1, hw, hw, c), "int8", "data")
     wt, bt = te.placeholder(wp.shape, str(wp.dtype), "w"), te.placeholder(bp.shape, "int32", "b")
     out = qconv2d(data, wt, bt, weight_shape=w.shape, params=params, target=HOST, layout="NHWC")
     sch = s_tir.Schedule(te.create_prim_func([data, wt, bt, out]))
     conv = sch.get_sblock("tvmq_conv_acc")
+    oh = int(out.shape[1])
     if choice == "space":
         return conv_schedules(*conv_loop_extents(sch, conv), HOST, int(wp.shape[4]),
                               conv_macs(sch, conv))
+    small = conv_macs(sch, conv) < SERIAL_MACS
     schedule_conv_pairs(sch, conv, HOST, choice)
     if choice is None:  # the default: parallel unless the conv is small
-        small = 1 * hw * hw * (-(-o // 16) * 16) * 9 * c < SERIAL_MACS
         assert ("T.parallel" in sch.mod["main"].script()) != small
+    if script is not None:
+        script.append(sch.mod["main"].script())
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=HOST)
     x = rng.integers(0 if nonneg else -128, 128, (1, hw, hw, c)).astype(np.int8)
-    result = tvm.runtime.tensor(np.zeros((1, hw, hw, o), np.int8))
+    result = tvm.runtime.tensor(np.zeros((1, oh, oh, o), np.int8))
     lib(tvm.runtime.tensor(x), tvm.runtime.tensor(wp), tvm.runtime.tensor(bp), result)
     return result.numpy()
 
@@ -75,6 +79,35 @@ def test_every_choice_computes_the_default_result():
     rng = np.random.default_rng(1)
     for choice in [space[0], space[-1], *rng.choice(space, 4, replace=False)]:
         np.testing.assert_array_equal(_kernel(choice), want, err_msg=str(choice))
+
+
+def test_folded_stem_every_choice_exact():
+    """An RGB 7x7 stride-2 stem (taps folded into quads, each padded row packed flat): every
+    choice computes the reference, and the flat pack is a fill plus a plain copy, with no
+    per-byte padding condition (which kept it scalar)."""
+    stem = dict(nonneg=False, c=3, o=32, hw=30, k=7, stride=2)
+    script = []
+    got = _kernel(None, script=script, **stem)
+    assert "tvmq_conv_data_pack_pad_const" in script[0]
+    np.testing.assert_array_equal(got, _reference(**stem))
+    space = _kernel("space", **stem)
+    assert {c.pack_per_row for c in space} == {False, True}
+    for choice in space[::max(1, len(space) // 6)] + [space[-1]]:
+        np.testing.assert_array_equal(_kernel(choice, **stem), got, err_msg=str(choice))
+
+
+def _reference(nonneg, c, o, hw, k, stride):
+    """The PyTorch integer reference of ``_kernel``'s conv (the same weights and input)."""
+    import torch
+    from tvmq.ops import qconv2d as reference
+    pad = k // 2
+    rng = np.random.default_rng(0)
+    w = rng.integers(-128, 128, (o, c, k, k)).astype(np.int8)
+    bias = rng.integers(-999, 999, o).astype(np.int32)
+    x = rng.integers(0 if nonneg else -128, 128, (1, hw, hw, c)).astype(np.int8)
+    out = reference(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w),
+                    torch.from_numpy(bias), [stride] * 2, [pad] * 4, [1, 1], 1, 0, 9, True, 8)
+    return out.permute(0, 2, 3, 1).numpy()
 
 
 def test_unknown_choice_is_refused():
