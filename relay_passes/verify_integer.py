@@ -169,6 +169,17 @@ def _show(node, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def _is_call(node, op: str) -> bool:
+    return (isinstance(node, tvm.ir.expr.Call) and isinstance(node.op, tvm.ir.Op)
+            and node.op.name == op)
+
+
+def _int_constant(node, value: int) -> bool:
+    """The integer constant ``value``, or a vector of it."""
+    node = node.value if isinstance(node, _pe.Broadcast) else node
+    return isinstance(node, _pe.IntImm) and int(node.value) == value
+
+
 class _KernelChecker:
     """Walks one PrimFunc body; raises FloatOpError at the first float it may not hold."""
 
@@ -206,15 +217,30 @@ class _KernelChecker:
             # a quantize's NaN rule: if isnan(x) then a constant else the scaled x
             return max(self.affine(node.args[1], visitor, leaf),
                        self.affine(node.args[2], visitor, leaf))
+        if isinstance(node, _pe.Select) and self.nan_test(node.condition, visitor):
+            return max(self.affine(node.true_value, visitor, leaf),
+                       self.affine(node.false_value, visitor, leaf))
         if leaf(node, visitor):
             return 1
         self.fail(node, "not part of the boundary quantize/dequantize")
 
     def nan_test(self, node, visitor) -> bool:
-        """``isnan`` of one element of the model input (the boundary quantize's NaN rule)."""
-        return (isinstance(node, tvm.ir.expr.Call) and isinstance(node.op, tvm.ir.Op)
-                and node.op.name == "tirx.isnan" and bool(self.inputs)
-                and self.input_load(node.args[0], visitor))
+        """The boundary quantize's NaN rule tests one element of the model input: ``isnan``,
+        or its bits (``topi_ops.requantize.is_nan``: ``(bits(x) & mask) > inf``)."""
+        if not self.inputs:
+            return False
+        if isinstance(node, (_pe.GT, _pe.LT)):  # the simplifier may write either side first
+            masked, limit = (node.a, node.b) if isinstance(node, _pe.GT) else (node.b, node.a)
+            if _is_call(masked, "tirx.bitwise_and"):
+                masked = _pe.BitwiseAnd(*masked.args)
+            if not (_int_constant(limit, 0x7F800000) and isinstance(masked, _pe.BitwiseAnd)):
+                return False
+            bits, mask = masked.a, masked.b
+            while isinstance(bits, _pe.Cast) and not _prim_float(bits):  # widened to int64
+                bits = bits.value
+            return (_int_constant(mask, 0x7FFFFFFF) and _is_call(bits, "tirx.reinterpret")
+                    and self.input_load(bits.args[0], visitor))
+        return _is_call(node, "tirx.isnan") and self.input_load(node.args[0], visitor)
 
     def input_load(self, node, visitor) -> bool:
         if isinstance(node, tvm.ir.expr.TensorLoad) and self.is_param(node.source, self.inputs):

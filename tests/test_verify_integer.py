@@ -131,6 +131,24 @@ def test_input_compared_in_float_is_refused():
         compile_x86(boundary(inner_q=threshold))
 
 
+def test_quantize_nan_rule_passes_and_other_bit_tests_are_refused():
+    # the quantize tests NaN on the input's bits (it vectorizes): NaN -> 0, +-inf saturate
+    vm = relax.VirtualMachine(compile_x86(boundary()), tvm.cpu())
+    x = np.array([[np.nan, np.inf, -np.inf, 1.0, -1.0, 0.03, 0.0, -0.0]] * 2, np.float32)
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got[0], [0, 127 / 16, 0, 1, 0, 0, 0, 0])
+
+    def sign_bit(a):  # a bit test of the input that is not the NaN rule
+        def f(*i):
+            bits = tirx.reinterpret("int32", a(*i)) & tirx.const(0x40000000, "int32")
+            return tirx.Select(bits > tirx.const(0, "int32"), tirx.const(1.0, "float32"),
+                               tirx.floor(a(*i))).astype("int8")
+        return te.compute(a.shape, f, name="s")
+
+    with pytest.raises(FloatOpError, match=r"kernel '\w*tvmq_quantize\w*'"):
+        compile_x86(boundary(inner_q=sign_bit))
+
+
 def test_dequantize_that_computes_more_than_a_dequantize_is_refused():
     def exp(a):
         return te.compute(a.shape, lambda *i: tirx.exp(a(*i).astype("float32")), name="e")

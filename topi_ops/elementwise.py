@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from topi_ops.requantize import round_shift, saturate
+from topi_ops.requantize import round_shift, saturate, select_not_nan
 
 
 def quantize(data: te.Tensor, exponent: int, bits: int, layout: str = "NCHW") -> te.Tensor:
@@ -20,7 +20,7 @@ def quantize(data: te.Tensor, exponent: int, bits: int, layout: str = "NCHW") ->
         x = data(*i)
         v = tirx.floor(x * tirx.const(2.0 ** -exponent, "float32") + tirx.const(0.5, "float32"))
         v = tirx.max(tirx.min(v, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
-        return tirx.if_then_else(tirx.isnan(x), tirx.const(0, "int8"), v.astype("int8"))
+        return select_not_nan(x, v, 0.0).astype("int8")
 
     if layout == "NHWC" and len(data.shape) == 4:
         n, c, h, w = data.shape

@@ -19,7 +19,7 @@ from tvm import te, tirx
 
 from topi_ops.conv2d import qconv2d
 from topi_ops.pool import window_sum
-from topi_ops.requantize import clamp, round_shift
+from topi_ops.requantize import clamp, round_shift, select_not_nan
 
 
 def fixed_point(value: tirx.PrimExpr, mult, shift) -> tirx.PrimExpr:
@@ -95,7 +95,7 @@ def quantize_affine(data: te.Tensor, inv_scale: float, zero_point: int, lo: int,
         x = data(*i)
         v = tirx.nearbyint(x * tirx.const(inv_scale, "float32"))
         v = tirx.max(tirx.min(v, tirx.const(1e9, "float32")), tirx.const(-1e9, "float32"))
-        v = tirx.if_then_else(tirx.isnan(x), tirx.const(0.0, "float32"), v)
+        v = select_not_nan(x, v, 0.0)
         return _finish(v.astype("int32"), zero_point, lo, hi)
 
     return te.compute(data.shape, f, name="tvmq_quantize_affine", tag="elemwise")
