@@ -15,12 +15,12 @@ from tvm import s_tir, tirx
 from schedules.amx import schedule_conv_amx
 from schedules.bitserial import schedule_bitserial_conv2d
 from schedules.grouped import schedule_conv_grouped
-from schedules.elementwise import (SCHEDULED, inline_epilogue, is_scheduled, schedule_loop_nest,
-                                   schedule_padded_rows)
+from schedules.elementwise import (PARALLEL_MIN_WORK, SCHEDULED, inline_epilogue, is_scheduled,
+                                   schedule_loop_nest)
 from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, DOT_8X4_NEON_S8,
                                   DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI)
 from schedules.targets import has_feature
-from topi_ops.conv2d import AMX_ATTR, GATHERED
+from topi_ops.conv2d import AMX_ATTR, FLAT_CHUNK, GATHERED
 
 def register_tile(out_blocks: int, width: int, target=None) -> tuple[int, int]:
     """(output-channel blocks, output columns) of the int32 accumulator tile kept in vector
@@ -214,15 +214,32 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         # the pack's own loops under the row loop (compute_at drops those of extent 1)
         loops = sch.get_loops(pack)
         own = loops[[sch.get(lp).same_as(sch.get(outer)) for lp in loops].index(True) + 1:]
-        if len(sch.get(pack).iter_vars) == 3:  # flat rows of folded taps
-            schedule_padded_rows(sch, pack, target, own[0])
+        if FLAT_CHUNK in sch.get(pack).annotations:  # flat rows of folded taps
+            schedule_flat_rows(sch, pack, target, per_row=True)
         elif own:  # [.., C/G, G]: a pixel's channels
             sch.vectorize(sch.fuse(*own[-2:]) if len(own) > 1 else own[-1])
     for name in ("tvmq_conv_data_pack", "tvmq_conv_unpack"):
         if name in blocks and (name != "tvmq_conv_data_pack" or not per_row):
             block = sch.get_sblock(name)
-            flat = name == "tvmq_conv_data_pack" and len(sch.get(block).iter_vars) == 3
-            (schedule_padded_rows if flat else schedule_loop_nest)(sch, block, target)
+            flat = FLAT_CHUNK in sch.get(block).annotations
+            (schedule_flat_rows if flat else schedule_loop_nest)(sch, block, target)
+
+
+def schedule_flat_rows(sch: s_tir.Schedule, pack, target, per_row: bool = False) -> None:
+    """A folded conv's flat padded rows (``topi_ops.conv2d``): one vector per ``FLAT_CHUNK``
+    bytes, whose padding test is the same for the whole chunk (a test per byte kept this
+    loop scalar: ResNet-18's stem pack 29 -> 3 us). Packed ahead, the rows are shared out
+    over the cores; ``per_row``: computed in each row task, under its loop."""
+    loops = sch.get_loops(pack)
+    chunk = int(sch.get(pack).annotations[FLAT_CHUNK])
+    if not per_row:
+        rows = sch.fuse(*loops[:-1])
+        work = int(sch.get(rows).extent) * int(sch.get(loops[-1]).extent)
+        cores = int(target.attrs.get("num-cores", 1) or 1)
+        if work >= PARALLEL_MIN_WORK and int(sch.get(rows).extent) >= 2 * cores:
+            sch.parallel(rows)
+    if chunk > 1:
+        sch.vectorize(sch.split(loops[-1], [None, chunk])[1])
 
 
 RULES = {"tvmq_qconv2d_pairs": schedule_conv_pairs, "tvmq_qconv2d_grouped": schedule_conv_grouped,

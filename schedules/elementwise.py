@@ -90,28 +90,6 @@ def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) ->
     share(fused)
 
 
-def schedule_padded_rows(sch: s_tir.Schedule, block, target: tvm.target.Target,
-                         loop=None) -> None:
-    """A padding block whose condition varies along its innermost loop (a folded conv's flat
-    padded rows, ``topi_ops.conv2d.folds_taps``): fill the rows with the pad value, then copy
-    the values inside without a condition (TVM's ``decompose_padding``), both a vector at a
-    time. One condition per byte kept the loop scalar: ResNet-18's stem pack 29 -> 3 us.
-    ``loop``: the loop the fill goes under (the pack computed per row task); by default the
-    outer loops are shared out over the cores."""
-    loops = sch.get_loops(block)
-    if loop is None:
-        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-        if len(loops) > 1 and int(sch.get(outer).extent) >= 2 * int(
-                target.attrs.get("num-cores", 1) or 1):
-            sch.parallel(outer)
-        loop = sch.get_loops(block)[-1]
-    fill = sch.decompose_padding(block, loop)
-    lanes = VECTOR_BYTES // _bytes(sch, block)
-    for part in (fill, block):
-        inner = sch.get_loops(part)[-1]
-        sch.vectorize(sch.split(inner, [None, lanes])[1])
-
-
 def _bytes(sch: s_tir.Schedule, block) -> int:
     return tvm.DataType(str(sch.get(block).writes[0].source.dtype)).bits // 8
 

@@ -116,6 +116,13 @@ def amx_fits(channels: int, out_width: int) -> bool:
 
 
 GATHERED = "tvmq_gathered"  # on a data pack whose channels do not fill whole groups
+FLAT_CHUNK = "tvmq_flat_chunk"  # on a folded conv's flat-row pack: its padding's granule
+
+
+def flat_chunk(row_bytes: int) -> int:
+    """The granule of a flat padded row: the largest power of two up to a 64-byte vector
+    that divides the image row's bytes (ResNet-18's stem: 224 x 3 = 672 -> 32)."""
+    return max(v for v in (1, 2, 4, 8, 16, 32, 64) if row_bytes % v == 0)
 
 
 def folds_taps(channels: int, kernel_w: int, group: int, params: "Conv2dParams") -> bool:
@@ -248,20 +255,29 @@ def qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, shift: te.Tenso
     # a 1x1 conv without padding packs only the pixels it reads (a strided one every s-th)
     subsample = (kh, kw) == (1, 1) and not any(params.padding)
     if folded:
-        # each padded row flat, [N, Hp, Wp * C] (a plain copy from NHWC): the KW x C inputs
-        # of output pixel x start at x * sw * C, in the order the folded weights take them
-        flat = -(-max((w + pl + pr) * c, (acc_w - 1) * sw * c + cg * group) // 64) * 64
+        # each padded row flat, [N, Hp, row] (a plain copy from NHWC): the KW x C inputs of
+        # output pixel x start at x * sw * C (+ the row's start), in the order the folded
+        # weights take them. The image row starts and ends on a FLAT_CHUNK boundary (the
+        # padding before it is right-aligned to one), so whether a byte is padding is the
+        # same for a whole chunk: the pack copies vectors without a test per byte
+        chunk = flat_chunk(w * c)
+        start = -(-pl * c // chunk) * chunk  # where the image row begins
+        flat = -(-max(start + (w + pr) * c, start - pl * c + (acc_w - 1) * sw * c
+                      + cg * group) // 64) * 64
 
         def pack(b, y, xb):
-            x, ch = xb // c, xb % c
-            inside = tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)
-            value = element(b, ch, y - pt, x - pl).astype("int16") + offset
+            k = xb // chunk
+            inside = tirx.all(y >= pt, y < pt + h, k >= start // chunk,
+                              k < (start + w * c) // chunk)
+            i = xb - start
+            value = element(b, i % c, y - pt, i // c).astype("int16") + offset
             return tirx.if_then_else(inside, value.astype(dtype), tirx.const(offset + pad, dtype))
 
-        packed = te.compute((n, h + pt + pb, flat), pack, name="tvmq_conv_data_pack")
+        packed = te.compute((n, h + pt + pb, flat), pack, name="tvmq_conv_data_pack",
+                            attrs={FLAT_CHUNK: chunk})
 
         def taps(b, y, x, ry, rx, rc, rj):  # rx has extent 1: the taps are in rc
-            return packed[b, y * sh + ry * dh, x * sw * c + rc * group + rj]
+            return packed[b, y * sh + ry * dh, start - pl * c + x * sw * c + rc * group + rj]
     elif subsample:
         def pack(b, y, x, cc, j):
             ch = cc * group + j
