@@ -208,3 +208,25 @@ def test_small_conv_runs_on_one_core():
     want = _kernel(None, **small)
     for choice in [c for c in space if c.parallel == "none"][:4]:
         np.testing.assert_array_equal(_kernel(choice, **small), want, err_msg=str(choice))
+
+
+def test_folded_stem_design_spaces_print():
+    """MetaSchedule logs every design space as Python (``Trace.as_python``) before tuning;
+    a schedule instruction whose printer fails (TVM 0.27's ``decompose_padding``) crashes the
+    tuner. Every space of a folded stem, packed ahead or per row, prints."""
+    from schedules.tuning import SPACES
+    params = Conv2dParams((2, 2), (3, 3, 3, 3), (1, 1), 1, 9, True)
+    w = np.zeros((32, 3, 7, 7), np.int8)
+    wp, bp = pack_conv2d(w, np.zeros(32, np.int32), params, HOST)
+    data = te.placeholder((1, 32, 32, 3), "int8", "data")
+    wt, bt = te.placeholder(wp.shape, "int8", "w"), te.placeholder(bp.shape, "int32", "b")
+    out = qconv2d(data, wt, bt, weight_shape=w.shape, params=params, target=HOST, layout="NHWC")
+    sch = s_tir.Schedule(te.create_prim_func([data, wt, bt, out]))
+    choices, schedule = SPACES["tvmq_qconv2d_pairs"]
+    conv = sch.get_sblock("tvmq_conv_acc")
+    space = choices(sch, conv, HOST)
+    assert {c.pack_per_row for c in space} == {False, True}
+    for choice in space:
+        copy = sch.copy()
+        schedule(copy, conv, HOST, choice)
+        assert "tvmq_conv_data_pack" in "\n".join(copy.trace.as_python()), choice

@@ -86,6 +86,18 @@ def test_rerun_resumes(program, tmp_path):
     assert all(t["best_ms"] for t in summary["tasks"]), summary
 
 
+def test_a_resumed_database_counts_every_run(tmp_path):
+    from tvmq.tune import record_run
+    record_run(tmp_path, {"seconds": 200.0, "trials": 480})
+    record_run(tmp_path, {"seconds": 31.5, "trials": 40})
+    last = json.loads((tmp_path / "last_tune.json").read_text())
+    assert (last["seconds"], last["trials"]) == (31.5, 40)  # this run
+    assert (last["total_seconds"], last["total_trials"]) == (231.5, 520)  # the database's
+    (tmp_path / "last_tune.json").write_text("{corrupt")
+    record_run(tmp_path, {"seconds": 5.0, "trials": 4})  # an unreadable summary: counted anew
+    assert json.loads((tmp_path / "last_tune.json").read_text())["total_trials"] == 4
+
+
 def test_corrupt_database(db, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()

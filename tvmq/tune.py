@@ -105,8 +105,23 @@ def main(argv=None) -> int:
         table.add_row(t["name"], str(t["weight"]),
                       "-" if t["best_ms"] is None else f"{t['best_ms']:.4f}")
     Console().print(table)
-    (db / "last_tune.json").write_text(json.dumps(summary, indent=2))
+    record_run(db, summary)
     return 0
+
+
+def record_run(db: Path, summary: dict) -> None:
+    """Write ``last_tune.json``: this run's summary, plus the time and trials of every run
+    that built the database (``total_seconds``, ``total_trials``: a resumed database's cost,
+    which the benchmark reports beside it)."""
+    try:
+        last = json.loads((Path(db) / "last_tune.json").read_text())
+        seconds = float(last.get("total_seconds", last["seconds"]))
+        trials = int(last.get("total_trials", last["trials"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a new database
+        seconds, trials = 0.0, 0
+    summary = {**summary, "total_seconds": round(seconds + summary["seconds"], 1),
+               "total_trials": trials + summary["trials"]}
+    (Path(db) / "last_tune.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
