@@ -205,6 +205,7 @@ def test_configs_import_and_build_bit_exact(kind, per_channel, tmp_path):
     art = tvmq.build(program, x1, target="x86", out=tmp_path / "art", parity=8,
                      parity_data=test)
     assert art.manifest["parity"]["mismatches"] == 0
+    assert art.manifest["scheme"] == "pt2e"  # the manifest names where the model came from
     assert torch.equal(art.run(test[:1]), imported.module()(test[:1]))
 
 
@@ -221,6 +222,7 @@ def test_shift_only_is_a_pure_shift_and_bit_exact(tmp_path):
     art = tvmq.build(imported, x1, target="x86", out=tmp_path / "art", parity=8,
                      parity_data=data.digits("test").tensors[0])
     assert art.manifest["parity"]["mismatches"] == 0
+    assert art.manifest["scheme"] == "pt2e-shift"
 
 
 def test_x86_inductor_quantizer_float_output_is_refused_by_name(tmp_path):

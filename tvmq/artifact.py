@@ -404,6 +404,7 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
     check_out(out)
     # PT2E int8 programs -> tvmq ops (tvmq.pt2e); shift_only: power-of-two requantization
     ep = frontend.rewrite_program(ep, example, shift_only=shift_only)
+    info = getattr(ep, "tvmq_info", info)  # an imported PT2E program says so ("scheme")
 
     mod = frontend.import_exported_program(ep)
     database = open_database(db, tgt) if db is not None else None
@@ -449,7 +450,7 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
         weights = sum(v.numel() for k, v in ep.state_dict.items() if "weight" in k)
         manifest = {
             "model": name,
-            "scheme": (info.get("recipe") or {}).get("scheme"),
+            "scheme": (info.get("recipe") or {}).get("scheme") or info.get("scheme"),
             "recipe": info.get("recipe"),
             "target": target_info,
             # TVM worker threads a run uses by default (TVM_NUM_THREADS overrides)

@@ -456,7 +456,10 @@ def import_program(program, example: torch.Tensor | None = None, *, shift_only: 
     ep = torch.export.export(deploy, (example,))
     info = dict(getattr(program, "tvmq_info", None) or {})
     info.setdefault("model", name or "pt2e")
+    # no tvmq recipe: the scheme is PyTorch's affine int8 (fixed-point or, shift_only,
+    # power-of-two requantization)
     ep.tvmq_info = {**info, "recipe": None, "layers": [],
+                    "scheme": "pt2e-shift" if shift_only else "pt2e",
                     "pt2e": {"shift_only": shift_only, "layers": importer.layers}}
     return ep
 
