@@ -134,6 +134,11 @@ def _closed_by_server(s: socket.socket, timeout: float) -> bool:
 
 
 def _session_dirs(board) -> list[Path]:
+    return sorted(p for p in board.work.glob("tvmq_rpc_*") if p.is_dir())
+
+
+def _session_files(board) -> list[Path]:
+    """Session directories and their owner records."""
     return sorted(board.work.glob("tvmq_rpc_*"))
 
 
@@ -173,7 +178,7 @@ def test_silent_client_is_dropped_at_the_handshake_deadline(board):
 def test_idle_session_is_killed_at_the_session_timeout(strict_board):
     s = _open_session(strict_board)  # a valid session that never sends a packet
     assert _closed_by_server(s, 5 + MARGIN)
-    assert _wait(lambda: not _session_dirs(strict_board), MARGIN)
+    assert _wait(lambda: not _session_files(strict_board), MARGIN)
     assert "exceeded --session-timeout 5 s" in strict_board.log()
     assert _real_session(strict_board)["machine"] == "aarch64"
 
@@ -257,10 +262,42 @@ def test_session_directory_is_removed_after_a_killed_session(board):
     assert _wait(lambda: len(_session_dirs(board)) == 1 and len(children()) == 1, MARGIN)
     children = children()
     os.kill(int(children[0]), signal.SIGKILL)
-    assert _wait(lambda: not _session_dirs(board), MARGIN), _session_dirs(board)
+    assert _wait(lambda: not _session_files(board), MARGIN), _session_files(board)
     s.close()
     assert _real_session(board)["machine"] == "aarch64"
-    assert _wait(lambda: not _session_dirs(board), MARGIN)
+    assert _wait(lambda: not _session_files(board), MARGIN)
+
+
+def _identity(pid: int) -> str:
+    """What the server writes in a session's owner record: pid and start time (ticks)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return f"{pid} {stat[stat.rindex(')') + 2:].split()[19]}"
+
+
+def test_a_new_server_removes_the_sessions_a_sigkilled_one_left(tmp_path):
+    """A SIGKILLed server cannot clean up: the next server on its work dir removes the session
+    directories whose owner is gone, and nothing else (no owner record: not a server's; owner
+    alive: another server's)."""
+    work = tmp_path / "work"
+    (work / "tvmq_rpc_notours").mkdir(parents=True)  # named like ours, no owner record
+    live = work / "tvmq_rpc_live"  # owned by a live process (this test)
+    live.mkdir()
+    Path(f"{live}.owner").write_text(_identity(os.getpid()) + "\n")
+    with _start(work) as first:
+        s = _open_session(first)
+        assert _wait(lambda: len(list(work.glob("tvmq_rpc_*.owner"))) == 2, MARGIN)
+        left = [p for p in work.glob("tvmq_rpc_*") if p.is_dir() and p not in (live,)
+                and p.name != "tvmq_rpc_notours"]
+        assert len(left) == 1
+        os.killpg(first.proc.pid, signal.SIGKILL)  # the server and its session: no cleanup
+        first.proc.wait(MARGIN)
+        s.close()
+        assert left[0].is_dir()  # left behind
+    with _start(work) as second:
+        assert _wait(lambda: not left[0].exists(), MARGIN), second.log()
+        assert "which is gone" in second.log()
+    assert (work / "tvmq_rpc_notours").is_dir() and live.is_dir()
+    assert Path(f"{live}.owner").exists() and not Path(f"{left[0]}.owner").exists()
 
 
 def test_label_with_a_quote_gives_valid_json(board):
@@ -305,7 +342,7 @@ def test_fuzzed_handshakes_and_packets_leave_the_board_serving(board):
     assert board.alive()
     assert _rss_kb(board.proc.pid) < rss_before + 64 * 1024
     assert _real_session(board)["machine"] == "aarch64"
-    assert _wait(lambda: not _session_dirs(board), MARGIN), _session_dirs(board)
+    assert _wait(lambda: not _session_files(board), MARGIN), _session_files(board)
 
 
 # ------------------------------------------------------------------ start-up and lifetime

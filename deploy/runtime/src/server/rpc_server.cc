@@ -18,8 +18,12 @@
  *    asked for; a client may ask for less (-timeout=N in its key).
  *  - The parent creates each session's work directory and removes it when it reaps the child,
  *    however the child ended (normal end, crash, timeout kill). Files are confined to it.
+ *    Beside each directory, DIR.owner names the server (pid and start time): a server that
+ *    starts removes the directories of servers that are gone (SIGKILLed: no chance to clean
+ *    up), and nothing else in --work-dir.
  *  - Lengths read from the network are bounded by --max-upload-mb (tvm/support/limits.h).
  */
+#include <dirent.h>
 #include <dlfcn.h>
 #include <elf.h>
 #include <fcntl.h>
@@ -185,6 +189,66 @@ void RemoveTree(const std::string& dir) {
   }
 }
 
+/*! \brief "PID STARTTIME" of a live process (its start in clock ticks after boot, field 22 of
+ * /proc/PID/stat: a reused pid has another), or "" when there is no such process. */
+std::string ProcessIdentity(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat;
+  if (!f || !std::getline(f, stat)) return "";
+  size_t close = stat.rfind(')');  // the command name may hold spaces and parentheses
+  if (close == std::string::npos) return "";
+  std::istringstream rest(stat.substr(close + 1));
+  std::string field;
+  for (int i = 3; i <= 22 && rest >> field; ++i) {
+    if (i == 22) return std::to_string(pid) + " " + field;
+  }
+  return "";
+}
+
+constexpr char kSessionPrefix[] = "tvmq_rpc_";
+constexpr char kOwnerSuffix[] = ".owner";
+
+/*! \brief Record this server as the owner of a session directory (DIR.owner, beside it). */
+void WriteOwner(const std::string& dir) {
+  std::ofstream f(dir + kOwnerSuffix, std::ios::trunc);
+  f << ProcessIdentity(getpid()) << "\n";
+}
+
+/*! \brief Remove the session directories in root whose owner server is gone: only entries
+ * named tvmq_rpc_*.owner written by a server, and the directory (ours, not a symlink) beside
+ * each. Anything else in root is not ours and stays. */
+void RemoveStaleSessions(const std::string& root) {
+  DIR* d = opendir(root.c_str());
+  if (d == nullptr) return;
+  std::vector<std::string> owners;
+  const size_t p = sizeof(kSessionPrefix) - 1, o = sizeof(kOwnerSuffix) - 1;
+  while (dirent* e = readdir(d)) {
+    std::string name = e->d_name;
+    size_t n = name.size();
+    if (n > p + o && name.compare(0, p, kSessionPrefix) == 0 &&
+        name.compare(n - o, o, kOwnerSuffix) == 0) {
+      owners.push_back(name);
+    }
+  }
+  closedir(d);
+  for (const std::string& name : owners) {
+    std::string owner_path = root + "/" + name, dir = owner_path.substr(0, owner_path.size() - o);
+    std::ifstream f(owner_path);
+    std::string pid_text, start;
+    if (!(f >> pid_text >> start)) continue;  // being written, or not a server's: leave it
+    char* end = nullptr;
+    long pid = std::strtol(pid_text.c_str(), &end, 10);
+    if (*end != '\0' || pid <= 0 || pid > 1 << 30) continue;
+    if (ProcessIdentity(static_cast<pid_t>(pid)) == pid_text + " " + start) continue;  // alive
+    struct stat st{};
+    if (lstat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == getuid()) {
+      RemoveTree(dir);
+      Log("removed " + dir + ", left by server pid " + pid_text + ", which is gone");
+    }
+    ::remove(owner_path.c_str());
+  }
+}
+
 // tracker messages: int32 length + JSON text
 void SendJson(TCPSocket* s, const std::string& json) {
   int32_t n = static_cast<int32_t>(json.size());
@@ -330,6 +394,7 @@ class Server {
       return 1;
     }
     port_ = listener_.LocalAddr().port();
+    RemoveStaleSessions(opt_.work_root);
     parent_pid_ = getppid();
     tracker_.set_port(port_);
     std::cout << "tvmq_rpc_server listening on " << opt_.host << ":" << port_
@@ -490,19 +555,20 @@ class Server {
 
   /*! \brief Fork the child that serves p's session in a fresh work directory. */
   void StartSession(Pending* p, double now) {
-    std::string tmpl = opt_.work_root + "/tvmq_rpc_XXXXXX";
+    std::string tmpl = opt_.work_root + "/" + kSessionPrefix + "XXXXXX";
     if (mkdtemp(&tmpl[0]) == nullptr) {
       Log("refused " + p->peer + ": cannot create a session directory in " + opt_.work_root +
           ": " + std::strerror(errno));
       p->sock.Close();
       return;
     }
+    WriteOwner(tmpl);
     pid_t server_pid = getpid();
     pid_t pid = fork();
     if (pid < 0) {
       Log(std::string("refused ") + p->peer + ": fork failed: " + std::strerror(errno));
       p->sock.Close();
-      RemoveTree(tmpl);
+      RemoveSession(tmpl);
       return;
     }
     if (pid == 0) ServeSession(p, tmpl, server_pid);  // never returns
@@ -548,6 +614,12 @@ class Server {
     _exit(0);
   }
 
+  /*! \brief A session directory and its owner record. */
+  static void RemoveSession(const std::string& dir) {
+    RemoveTree(dir);
+    ::remove((dir + kOwnerSuffix).c_str());
+  }
+
   /*! \brief Wait for ended sessions; remove their directories whatever the way they ended. */
   void Reap() {
     int status = 0;
@@ -558,7 +630,7 @@ class Server {
       if (WIFSIGNALED(status) && !it->second.killed) {
         Log("session from " + it->second.peer + " killed by signal " + std::to_string(WTERMSIG(status)));
       }
-      RemoveTree(it->second.dir);
+      RemoveSession(it->second.dir);
       sessions_.erase(it);
     }
   }
@@ -599,7 +671,7 @@ class Server {
     for (auto& [pid, s] : sessions_) kill(pid, SIGKILL);
     for (auto& [pid, s] : sessions_) {
       waitpid(pid, nullptr, 0);
-      RemoveTree(s.dir);
+      RemoveSession(s.dir);
     }
     sessions_.clear();
   }
