@@ -165,6 +165,15 @@ def test_missing_package_is_reported_unavailable(monkeypatch):
     assert "unavailable: pip install -e .[peers]" in console.export_text()
 
 
+def test_rounds_alternate_the_order_of_the_peers():
+    peers = ["a", "b", "c"]
+    assert bench.round_order(peers, 0) == ["a", "b", "c"]
+    assert bench.round_order(peers, 1) == ["c", "b", "a"]
+    follows = {(o[i], o[i + 1]) for r in range(2) for o in [bench.round_order(peers, r)]
+               for i in range(2)}
+    assert ("a", "b") in follows and ("b", "a") in follows  # no fixed neighbour
+
+
 def test_rounds_keep_the_median_round_and_drop_refused_ones():
     r = bench._rounds([{"median_ms": 3.0, "note": "a"}, {"not_recorded": "machine busy"},
                        {"median_ms": 1.0, "note": "b"}, {"median_ms": 2.0, "note": "c"}])
