@@ -169,9 +169,10 @@ def _show(node, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _is_call(node, op: str) -> bool:
+def _is_call(node, *ops: str) -> bool:
+    """``node`` calls one of the TIR ops ``ops``."""
     return (isinstance(node, tvm.ir.expr.Call) and isinstance(node.op, tvm.ir.Op)
-            and node.op.name == op)
+            and node.op.name in ops)
 
 
 def _int_constant(node, value: int) -> bool:
@@ -208,11 +209,9 @@ class _KernelChecker:
             return 0
         if isinstance(node, _AFFINE):
             return self.affine(node.a, visitor, leaf) + self.affine(node.b, visitor, leaf)
-        if (isinstance(node, tvm.ir.expr.Call) and isinstance(node.op, tvm.ir.Op)
-                and node.op.name in _ROUNDING and len(node.args) == 1):
+        if _is_call(node, *_ROUNDING) and len(node.args) == 1:
             return self.affine(node.args[0], visitor, leaf)
-        if (isinstance(node, tvm.ir.expr.Call) and isinstance(node.op, tvm.ir.Op)
-                and node.op.name in ("prim.if_then_else", "tirx.if_then_else")
+        if (_is_call(node, "prim.if_then_else", "tirx.if_then_else")
                 and self.nan_test(node.args[0], visitor)):
             # a quantize's NaN rule: if isnan(x) then a constant else the scaled x
             return max(self.affine(node.args[1], visitor, leaf),
@@ -231,11 +230,11 @@ class _KernelChecker:
             return False
         if isinstance(node, (_pe.GT, _pe.LT)):  # the simplifier may write either side first
             masked, limit = (node.a, node.b) if isinstance(node, _pe.GT) else (node.b, node.a)
-            if _is_call(masked, "tirx.bitwise_and"):
-                masked = _pe.BitwiseAnd(*masked.args)
-            if not (_int_constant(limit, 0x7F800000) and isinstance(masked, _pe.BitwiseAnd)):
+            operands = (masked.args if _is_call(masked, "tirx.bitwise_and") else
+                        (masked.a, masked.b) if isinstance(masked, _pe.BitwiseAnd) else None)
+            if operands is None or not _int_constant(limit, 0x7F800000):
                 return False
-            bits, mask = masked.a, masked.b
+            bits, mask = operands
             while isinstance(bits, _pe.Cast) and not _prim_float(bits):  # widened to int64
                 bits = bits.value
             return (_int_constant(mask, 0x7FFFFFFF) and _is_call(bits, "tirx.reinterpret")

@@ -15,8 +15,8 @@ from tvm import s_tir, tirx
 from schedules.amx import schedule_conv_amx
 from schedules.bitserial import schedule_bitserial_conv2d
 from schedules.grouped import schedule_conv_grouped
-from schedules.elementwise import (PARALLEL_MIN_WORK, SCHEDULED, inline_epilogue, is_scheduled,
-                                   schedule_loop_nest)
+from schedules.elementwise import (SCHEDULED, inline_epilogue, is_scheduled, schedule_loop_nest,
+                                   share_over_cores)
 from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, DOT_8X4_NEON_S8,
                                   DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI)
 from schedules.targets import has_feature
@@ -234,10 +234,8 @@ def schedule_flat_rows(sch: s_tir.Schedule, pack, target, per_row: bool = False)
     chunk = int(sch.get(pack).annotations[FLAT_CHUNK])
     if not per_row:
         rows = sch.fuse(*loops[:-1])
-        work = int(sch.get(rows).extent) * int(sch.get(loops[-1]).extent)
-        cores = int(target.attrs.get("num-cores", 1) or 1)
-        if work >= PARALLEL_MIN_WORK and int(sch.get(rows).extent) >= 2 * cores:
-            sch.parallel(rows)
+        share_over_cores(sch, rows, int(sch.get(rows).extent) * int(sch.get(loops[-1]).extent),
+                         target)
     if chunk > 1:
         sch.vectorize(sch.split(loops[-1], [None, chunk])[1])
 

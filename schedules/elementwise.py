@@ -44,12 +44,10 @@ def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) ->
     n_spatial = next((i for i, k in enumerate(kinds) if k != tirx.IterVar.DataPar), len(kinds))
     if n_spatial == 0:
         return
-    cores = int(target.attrs.get("num-cores", 1) or 1)
     work = int(np.prod([int(sch.get(lp).extent) for lp in loops]))
 
-    def share(loop) -> None:  # over the cores, when there is enough work for each
-        if work >= PARALLEL_MIN_WORK and int(sch.get(loop).extent) >= 2 * cores:
-            sch.parallel(loop)
+    def share(loop) -> None:
+        share_over_cores(sch, loop, work, target)
 
     if n_spatial == len(kinds) >= 2 and (gather := _transposed_read(sch, block, loops)):
         # a layout change whose output rows are shorter than a vector (NCHW RGB -> NHWC):
@@ -88,6 +86,14 @@ def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) ->
         fused, inner = sch.split(fused, [None, VECTOR])
         sch.vectorize(inner)
     share(fused)
+
+
+def share_over_cores(sch: s_tir.Schedule, loop, work: int, target) -> None:
+    """Parallelize ``loop`` over the target's cores when there is enough work for each (at
+    least ``PARALLEL_MIN_WORK`` iterations in all, two iterations of ``loop`` per core)."""
+    cores = int(target.attrs.get("num-cores", 1) or 1)
+    if work >= PARALLEL_MIN_WORK and int(sch.get(loop).extent) >= 2 * cores:
+        sch.parallel(loop)
 
 
 def _bytes(sch: s_tir.Schedule, block) -> int:

@@ -169,6 +169,18 @@ def open_database(db_dir: str | Path, target: tvm.target.Target, create: bool = 
         raise TuningDatabaseError(f"{db_dir} is corrupt: {str(err).strip().splitlines()[-1]}") from None
 
 
+def database_cost(db) -> tuple[float, int] | None:
+    """(seconds, trials) of every tuning run that built ``db`` (``last_tune.json``: its
+    totals, or the one run of a database written before they were counted); None when there
+    is no readable summary."""
+    try:
+        last = json.loads((Path(db) / "last_tune.json").read_text())
+        return (float(last.get("total_seconds", last["seconds"])),
+                int(last.get("total_trials", last["trials"])))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def shipped_database(model: str, target: tvm.target.Target) -> Path | None:
     """The database shipped with tvmq for a zoo model on this kind of CPU, if there is one."""
     want = target_record(target)

@@ -265,11 +265,11 @@ def tvmq_w8a8_tuned(model: str, calls: int, db: str | None = None) -> dict:
     db = db or _shipped_db(model)
     if not Path(db, "tvmq.json").exists():
         return {"unavailable": f"no tuning database {db}: python -m tvmq.tune {model} --db {db}"}
+    from schedules.tuning import database_cost
+
     result = tvmq_w8a8(model, calls, db)
-    summary = Path(db, "last_tune.json")
-    if summary.exists():  # the wall time of the tuning that made the database (every run)
-        last = json.loads(summary.read_text())
-        result["tuning_s"] = last.get("total_seconds", last["seconds"])
+    if cost := database_cost(db):  # the wall time of the tuning that made the database
+        result["tuning_s"] = cost[0]
         result["note"] += f", tuned {result['tuning_s'] / 60:.0f} min"
     return result
 
@@ -284,11 +284,10 @@ def _shipped_db(model: str) -> str:
 
 def _tuning_trials(model: str, db: str | None) -> int:
     """The trials behind tvmq's tuned database: the budget TVM fp32 gets too."""
-    summary = Path(db or _shipped_db(model), "last_tune.json")
-    if not summary.exists():
-        return 0
-    last = json.loads(summary.read_text())
-    return last.get("total_trials", last["trials"])
+    from schedules.tuning import database_cost
+
+    cost = database_cost(db or _shipped_db(model))
+    return cost[1] if cost else 0
 
 
 PEERS = {fn.__name__: fn for fn in (torch_fp32, torch_int8, tvm_fp32, tvm_fp32_tuned,

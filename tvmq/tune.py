@@ -113,12 +113,7 @@ def record_run(db: Path, summary: dict) -> None:
     """Write ``last_tune.json``: this run's summary, plus the time and trials of every run
     that built the database (``total_seconds``, ``total_trials``: a resumed database's cost,
     which the benchmark reports beside it)."""
-    try:
-        last = json.loads((Path(db) / "last_tune.json").read_text())
-        seconds = float(last.get("total_seconds", last["seconds"]))
-        trials = int(last.get("total_trials", last["trials"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a new database
-        seconds, trials = 0.0, 0
+    seconds, trials = tuning.database_cost(db) or (0.0, 0)  # none: a new database
     summary = {**summary, "total_seconds": round(seconds + summary["seconds"], 1),
                "total_trials": trials + summary["trials"]}
     (Path(db) / "last_tune.json").write_text(json.dumps(summary, indent=2))
