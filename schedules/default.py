@@ -19,7 +19,7 @@ from schedules.elementwise import (SCHEDULED, inline_epilogue, is_scheduled, sch
                                    share_over_cores)
 from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, DOT_8X4_NEON_S8,
                                   DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI)
-from schedules.targets import has_feature
+from schedules.targets import cores_of, has_feature
 from topi_ops.conv2d import AMX_ATTR, FLAT_CHUNK, GATHERED
 
 def register_tile(out_blocks: int, width: int, target=None) -> tuple[int, int]:
@@ -67,9 +67,11 @@ class ConvSchedule:
     ``reduce_order``: ``"taps"`` walks ry, rx, then input channels (the default); ``"channels"``
     walks input channels outermost. ``parallel``: ``"channels"`` shares out (channel tile,
     row) pairs, a thread's weights stay hot across rows; ``"rows"`` shares out rows, a thread
-    does every channel tile of its row, its input rows stay hot; ``"none"``: rows on one
-    core. ``pack_per_row`` (rows, none): each row task packs the input rows it reads,
-    instead of a packing pass ahead."""
+    does every channel tile of its row, its input rows stay hot; ``"bands"``: one band of
+    consecutive rows per core; ``"none"``: rows on one core. ``pack_per_row`` (rows, bands,
+    none): each row task (band) packs the input rows it reads instead of a packing pass
+    ahead (per row, the rows a 3x3 window overlaps are packed 3 times; per band, only the
+    rows at a band's edge twice)."""
 
     tile: tuple[int, int]
     reduce_order: str = "taps"
@@ -78,13 +80,13 @@ class ConvSchedule:
 
     def __post_init__(self):
         if self.reduce_order not in ("taps", "channels") or self.parallel not in (
-                "channels", "rows", "none"):
+                "channels", "rows", "bands", "none"):
             raise ValueError(f"unknown conv schedule choice {self}")
 
 
-# below this many MACs per output row a row task packs its own input rows (no pass and no
-# barrier of its own): ResNet-20's layers (0.07-0.3 M) 8 % faster end to end; ResNet-18's
-# (2-16 M) 2 % slower (interleaved A/B, AVX-512 VNNI host)
+# on one core, below this many MACs per output row a row task packs its own input rows
+# (shared out row by row: ResNet-20's layers (0.07-0.3 M) 8 % faster end to end than packed
+# ahead, ResNet-18's (2-16 M) 2 % slower; interleaved A/B, AVX-512 VNNI host)
 ROW_PACK_MACS = 1 << 20
 # below this many MACs a conv runs on one core: waking the pool and waiting at its barrier
 # costs more than the second core saves (ResNet-20's stem and strided 1x1s, 0.1-0.4 M: the
@@ -98,34 +100,42 @@ def conv_macs(sch: s_tir.Schedule, conv) -> int:
 
 
 def default_conv_schedule(sch: s_tir.Schedule, conv, target, extents) -> ConvSchedule:
-    """``register_tile``, taps first, rows shared out when there are enough of them (>= 4 per
-    core): a thread then does every channel tile of its row while the input rows are hot
-    (6-12 % faster than sharing (channel tile, row) pairs on ResNet-18's 3x3 convs, AVX-512
-    VNNI host); else (channel tile, row) pairs, so that every core has work; convs under
-    ``SERIAL_MACS`` on one core. Small rows pack
-    their own input (``ROW_PACK_MACS``), unless the pack gathers channels (``GATHERED``)."""
+    """``register_tile``, taps first; where every core gets >= 4 rows, one band of
+    consecutive rows per core, each band packing the input rows it reads: a thread does
+    every channel tile of its rows while they are hot, with no packing pass and no barrier
+    of its own, and only a band's edge rows are packed twice. Against rows shared out one
+    by one (packed ahead for big rows, per row for small ones): 1-4 % faster on ResNet-18's
+    convs, 7-18 % on ResNet-20's, models 2 % and 14-21 % faster (AVX-512 VNNI host,
+    interleaved A/Bs). Rows that do not split evenly over the cores are shared out one by
+    one; fewer rows, (channel tile, row) pairs, so that every core has work; convs under
+    ``SERIAL_MACS`` run on one core, small rows packing their own input (``ROW_PACK_MACS``)
+    unless the pack gathers channels (``GATHERED``)."""
     _n, y, *per_row = (int(sch.get(lp).extent) for lp in sch.get_loops(conv))
-    cores = int(target.attrs.get("num-cores", 1) or 1) if target is not None else 1
     row_macs = int(np.prod(per_row))
     # a gathered pack (channels padded to the group, e.g. RGB) repeated per row costs more
     # than the pass it saves: ResNet-20's stem 6.3 us packed ahead vs 9.6 per row
     gathered = any(sch.get(b).name_hint == "tvmq_conv_data_pack" and GATHERED in
                    sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
+    cores = cores_of(target)
     parallel = ("none" if conv_macs(sch, conv) < SERIAL_MACS
-                else "rows" if y >= 4 * cores else "channels")
+                else "channels" if y < 4 * cores else "bands" if y % cores == 0 else "rows")
     return ConvSchedule(register_tile(*extents, target), parallel=parallel,
-                        pack_per_row=row_macs < ROW_PACK_MACS and not gathered)
+                        pack_per_row=parallel == "bands"
+                        or (row_macs < ROW_PACK_MACS and not gathered))
 
 
 def conv_schedules(out_blocks: int, width: int, target=None, lanes: int = 8,
-                   macs: int | None = None) -> list[ConvSchedule]:
+                   macs: int | None = None, rows: int | None = None) -> list[ConvSchedule]:
     """The tuning space of one conv: every register tile with enough accumulators to cover
     the multiply-add's latency (>= 4, where the row allows) x reduction order x parallel loop
-    (channel tiles x rows; rows, packed ahead or by each row task; one core too for convs
-    of under 4 x ``SERIAL_MACS``)."""
+    (channel tiles x rows; rows, packed ahead or by each row task; bands of ``rows``, each
+    packing its own, where they split evenly over the cores; one core too for convs of
+    under 4 x ``SERIAL_MACS``)."""
     tiles = register_tiles(out_blocks, width, target, lanes)
     enough = min(4, max(b * c for b, c in tiles))
     loops = [("channels", False), ("rows", False), ("rows", True)]
+    if rows is not None and rows % cores_of(target) == 0:
+        loops.append(("bands", True))
     if macs is not None and macs < 4 * SERIAL_MACS:
         loops += [("none", False), ("none", True)]
     return [ConvSchedule(tile, order, par, per_row)
@@ -141,6 +151,11 @@ def split_channels(sch: s_tir.Schedule, conv) -> list:
     block = int(sch.get(conv).annotations["tvmq_block"])
     ob, oi = sch.split(oc, [None, block])
     return [n, y, x, ob, oi, *reduce]
+
+
+def conv_rows(sch: s_tir.Schedule, conv) -> int:
+    """Output rows of the conv block."""
+    return int(sch.get(sch.get_loops(conv)[1]).extent)
 
 
 def conv_loop_extents(sch: s_tir.Schedule, conv) -> tuple[int, int]:
@@ -176,6 +191,11 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         outer = sch.fuse(n, obo, y)
     else:
         sch.reorder(n, y, obo, xo, *reduce, obi, xi, oi, rj)
+        if choice.parallel == "bands":  # one band of consecutive rows per core
+            if int(sch.get(y).extent) % cores_of(target):  # a predicate defeats tensorize
+                raise ValueError(f"{choice}: {sch.get(y).extent} rows do not split evenly"
+                                 f" over {cores_of(target)} cores")
+            y, _ = sch.split(y, [cores_of(target), None])
         outer = sch.fuse(n, y)
     if choice.parallel != "none":
         sch.parallel(outer)

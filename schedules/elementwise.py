@@ -7,6 +7,8 @@ import numpy as np
 import tvm
 from tvm import s_tir, tirx
 
+from schedules.targets import cores_of
+
 SCHEDULED = "tir.is_scheduled"
 TUNED = "tirx.is_scheduled"  # what MetaSchedule marks a function it scheduled from a database
 
@@ -91,7 +93,7 @@ def schedule_loop_nest(sch: s_tir.Schedule, block, target: tvm.target.Target) ->
 def share_over_cores(sch: s_tir.Schedule, loop, work: int, target) -> None:
     """Parallelize ``loop`` over the target's cores when there is enough work for each (at
     least ``PARALLEL_MIN_WORK`` iterations in all, two iterations of ``loop`` per core)."""
-    cores = int(target.attrs.get("num-cores", 1) or 1)
+    cores = cores_of(target)
     if work >= PARALLEL_MIN_WORK and int(sch.get(loop).extent) >= 2 * cores:
         sch.parallel(loop)
 

@@ -31,6 +31,11 @@ def host_target(num_cores: int | None = None) -> tvm.target.Target:
     return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": cores})
 
 
+def cores_of(target) -> int:
+    """The cores a target's parallel loops are shared over (1 when it does not say)."""
+    return int(target.attrs.get("num-cores", 1) or 1) if target is not None else 1
+
+
 def resolve(target: "str | dict | tvm.target.Target") -> tvm.target.Target:
     """Turn a preset name, a target dict or a Target into a ``tvm.target.Target``."""
     if isinstance(target, tvm.target.Target):

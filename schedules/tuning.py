@@ -28,8 +28,8 @@ from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from schedules.default import (conv_loop_extents, conv_macs, conv_schedules, ruled_blocks,
-                               schedule_conv_pairs)
+from schedules.default import (conv_loop_extents, conv_macs, conv_rows, conv_schedules,
+                               ruled_blocks, schedule_conv_pairs)
 from schedules.grouped import grouped_extents, grouped_schedules, schedule_conv_grouped
 from schedules.targets import host_target
 
@@ -46,7 +46,8 @@ class TuningDatabaseError(ValueError):
 # ----------------------------------------------------------------------------- search space
 def _conv_choices(sch, block, target):
     lanes = int(sch.get(block).annotations["tvmq_block"])
-    return conv_schedules(*conv_loop_extents(sch, block), target, lanes, conv_macs(sch, block))
+    return conv_schedules(*conv_loop_extents(sch, block), target, lanes, conv_macs(sch, block),
+                          conv_rows(sch, block))
 
 
 def _grouped_choices(sch, block, target):

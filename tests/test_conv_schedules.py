@@ -8,7 +8,7 @@ import tvm
 from tvm import s_tir, te
 
 from schedules.default import (SERIAL_MACS, ConvSchedule, conv_loop_extents, conv_macs,
-                               conv_schedules, register_tile, register_tiles,
+                               conv_rows, conv_schedules, register_tile, register_tiles,
                                schedule_conv_pairs)
 from schedules.targets import resolve
 from topi_ops.conv2d import Conv2dParams, pack_conv2d, qconv2d
@@ -55,7 +55,7 @@ def _kernel(choice, nonneg=True, c=32, o=64, hw=14, k=3, stride=1, script=None):
     oh = int(out.shape[1])
     if choice == "space":
         return conv_schedules(*conv_loop_extents(sch, conv), HOST, int(wp.shape[4]),
-                              conv_macs(sch, conv))
+                              conv_macs(sch, conv), conv_rows(sch, conv))
     small = conv_macs(sch, conv) < SERIAL_MACS
     schedule_conv_pairs(sch, conv, HOST, choice)
     if choice is None:  # the default: parallel unless the conv is small
@@ -72,7 +72,7 @@ def _kernel(choice, nonneg=True, c=32, o=64, hw=14, k=3, stride=1, script=None):
 def test_every_choice_computes_the_default_result():
     space = _kernel("space")
     assert {c.reduce_order for c in space} == {"taps", "channels"}
-    assert {c.parallel for c in space} == {"channels", "rows"}
+    assert {c.parallel for c in space} == {"channels", "rows", "bands"}
     assert {c.pack_per_row for c in space} == {False, True}
     want = _kernel(None)
     assert (want == 0).any() and (want == 127).any()  # ReLU floor and saturation both hit
@@ -184,19 +184,49 @@ def _default_choice(channels: int, out_channels: int, hw: int, params):
     return default_conv_schedule(sch, conv, two_cores, conv_loop_extents(sch, conv))
 
 
-@pytest.mark.parametrize("hw,parallel", [(14, "rows"), (7, "channels")])
+@pytest.mark.parametrize("hw,parallel", [(14, "bands"), (7, "channels")])
 def test_default_shares_rows_only_when_every_core_gets_several(hw, parallel):
     params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True, nonneg=True)
     assert _default_choice(64, 64, hw, params).parallel == parallel
 
 
-@pytest.mark.parametrize("channels,per_row", [(16, True), (3, False)])
-def test_small_rows_pack_per_row_unless_the_pack_gathers_channels(channels, per_row):
-    """Small rows pack their own input inside each row task, but an RGB input (3 channels
-    padded to a quad) is gathered pixel by pixel: repeated for every output row that reads
-    it, that costs more than the pass it saves (ResNet-20's stem 9.6 -> 6.3 us)."""
+@pytest.mark.parametrize("channels", [16, 3])
+def test_bands_pack_their_own_rows(channels):
+    """A band of rows per core packs the input rows it reads (no pass, no barrier; each row
+    once but at a band's edge), an RGB input gathered pixel by pixel too."""
     choice = _default_choice(channels, 16, 32, Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True))
-    assert choice.parallel == "rows" and choice.pack_per_row == per_row
+    assert choice.parallel == "bands" and choice.pack_per_row
+
+
+@pytest.mark.parametrize("channels,per_row", [(16, True), (3, False)])
+def test_small_rows_on_one_core_pack_per_row_unless_the_pack_gathers_channels(channels, per_row):
+    """On one core, small rows pack their own input inside each row task, but an RGB input
+    (3 channels padded to a quad) is gathered pixel by pixel: repeated for every output row
+    that reads it, that costs more than the pass it saves (ResNet-20's stem 9.6 -> 6.3 us)."""
+    choice = _default_choice(channels, 16, 8, Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True))
+    assert choice.parallel == "none" and choice.pack_per_row == per_row
+
+
+@pytest.mark.parametrize("hw,stride", [(16, 1), (15, 2), (12, 2)])
+def test_bands_compute_the_reference(hw, stride):
+    """Each band packs exactly the input rows it reads (strided too, its input rows odd),
+    and rows that do not split evenly over the cores are refused, clearly (TVM's tensorize
+    fails on the predicate such a split adds)."""
+    conv = dict(nonneg=True, c=32, o=64, hw=hw, k=3, stride=stride)
+    oh = (hw - 1) // stride + 1
+    for tile in {register_tile(2, oh, HOST), (1, 1)}:
+        got = _kernel(ConvSchedule(tile, parallel="bands"), **conv)
+        np.testing.assert_array_equal(got, _reference(**conv), err_msg=str(tile))
+    with pytest.raises(ValueError, match="do not split evenly"):
+        _kernel(ConvSchedule((1, 1), parallel="bands"), hw=15)
+
+
+@pytest.mark.parametrize("hw,parallel", [(16, "bands"), (15, "rows")])
+def test_only_rows_that_split_evenly_make_bands(hw, parallel):
+    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True, nonneg=True)
+    assert _default_choice(64, 64, hw, params).parallel == parallel
+    space = {c.parallel for c in _kernel("space", hw=hw)}
+    assert ("bands" in space) == (parallel == "bands")
 
 
 def test_small_conv_runs_on_one_core():
@@ -204,7 +234,7 @@ def test_small_conv_runs_on_one_core():
     one-core choices are in its tuning space, and every one computes the default's integers."""
     small = {"c": 8, "o": 16, "hw": 6}
     space = _kernel("space", **small)
-    assert {c.parallel for c in space} == {"channels", "rows", "none"}
+    assert {c.parallel for c in space} == {"channels", "rows", "bands", "none"}
     want = _kernel(None, **small)
     for choice in [c for c in space if c.parallel == "none"][:4]:
         np.testing.assert_array_equal(_kernel(choice, **small), want, err_msg=str(choice))
