@@ -168,12 +168,13 @@ def test_depthwise_conv_is_tuned(tmp_path):
     assert len(summary["tasks"]) == 1 and summary["tasks"][0]["best_ms"] > 0
 
 
-def _default_choice(channels: int, out_channels: int, hw: int, params):
-    """The default ConvSchedule of a 3x3 NHWC conv on a 2-core AVX-512 VNNI target."""
+def _default_choice(channels: int, out_channels: int, hw: int, params, kernel: int = 3):
+    """The default ConvSchedule of a ``kernel`` x ``kernel`` NHWC conv on a 2-core AVX-512
+    VNNI target."""
     from schedules.default import default_conv_schedule
 
     two_cores = resolve({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
-    w = np.zeros((out_channels, channels, 3, 3), np.int8)
+    w = np.zeros((out_channels, channels, kernel, kernel), np.int8)
     wp, bp = pack_conv2d(w, np.zeros(out_channels, np.int32), params, two_cores)
     data = te.placeholder((1, hw, hw, channels), "int8", "data")
     wt, bt = te.placeholder(wp.shape, str(wp.dtype), "w"), te.placeholder(bp.shape, "int32", "b")
@@ -184,10 +185,23 @@ def _default_choice(channels: int, out_channels: int, hw: int, params):
     return default_conv_schedule(sch, conv, two_cores, conv_loop_extents(sch, conv))
 
 
-@pytest.mark.parametrize("hw,parallel", [(14, "bands"), (7, "channels")])
-def test_default_shares_rows_only_when_every_core_gets_several(hw, parallel):
+@pytest.mark.parametrize("channels,hw,parallel", [(64, 14, "bands"), (64, 7, "rows"),
+                                                  (512, 7, "channels")])
+def test_default_makes_bands_only_when_every_core_gets_several_rows(channels, hw, parallel):
     params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True, nonneg=True)
-    assert _default_choice(64, 64, hw, params).parallel == parallel
+    assert _default_choice(channels, channels, hw, params).parallel == parallel
+
+
+@pytest.mark.parametrize("kernel,parallel", [(1, "rows"), (3, "channels")])
+def test_few_rows_are_shared_out_only_when_each_core_can_hold_the_weights(kernel, parallel):
+    """7 output rows on 2 cores: a 1x1 downsample's 128 KB of weights are streamed by both
+    cores, row by row (44 -> 77 % of the peak); a 3x3's 1.2 MB are split, each core keeping
+    its channel tiles for every row (91 % against 85 % by rows)."""
+    pad = kernel // 2
+    params = Conv2dParams((2, 2), (pad,) * 4, (1, 1), 1, 9, True, nonneg=True)
+    assert _default_choice(256, 512, 14, params, kernel).parallel == parallel
+    assert _default_choice(1024, 2048, 1, Conv2dParams((1, 1), (0,) * 4, (1, 1), 1, 9, True),
+                           1).parallel == "channels"  # one row (a dense layer): channel tiles
 
 
 @pytest.mark.parametrize("channels", [16, 3])
