@@ -104,7 +104,8 @@ SHARED_WEIGHTS = 1 << 20
 def weight_bytes(sch: s_tir.Schedule, conv) -> int:
     """Bytes of the conv block's packed weights (its second operand)."""
     weight = sch.get(conv).reads[1].source
-    return int(np.prod([int(d) for d in weight.shape])) * tvm.DataType(str(weight.dtype)).bits // 8
+    size = int(np.prod([int(d) for d in weight.shape]))
+    return size * tvm.DataType(str(weight.dtype)).bits // 8
 
 
 def conv_macs(sch: s_tir.Schedule, conv) -> int:
@@ -135,8 +136,10 @@ def default_conv_schedule(sch: s_tir.Schedule, conv, target, extents) -> ConvSch
         parallel = "none"
     elif y >= 4 * cores:
         parallel = "bands" if y % cores == 0 else "rows"
-    else:  # few rows: share them only where every core can hold all the weights it streams
-        parallel = "rows" if y >= 2 * cores and weight_bytes(sch, conv) <= SHARED_WEIGHTS else "channels"
+    elif y >= 2 * cores and weight_bytes(sch, conv) <= SHARED_WEIGHTS:
+        parallel = "rows"  # few rows, but every core holds all the weights it streams
+    else:
+        parallel = "channels"
     return ConvSchedule(register_tile(*extents, target), parallel=parallel,
                         pack_per_row=parallel == "bands"
                         or (row_macs < ROW_PACK_MACS and not gathered))

@@ -208,7 +208,8 @@ def test_few_rows_are_shared_out_only_when_each_core_can_hold_the_weights(kernel
 def test_bands_pack_their_own_rows(channels):
     """A band of rows per core packs the input rows it reads (no pass, no barrier; each row
     once but at a band's edge), an RGB input gathered pixel by pixel too."""
-    choice = _default_choice(channels, 16, 32, Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True))
+    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True)
+    choice = _default_choice(channels, 16, 32, params)
     assert choice.parallel == "bands" and choice.pack_per_row
 
 
@@ -217,7 +218,8 @@ def test_small_rows_on_one_core_pack_per_row_unless_the_pack_gathers_channels(ch
     """On one core, small rows pack their own input inside each row task, but an RGB input
     (3 channels padded to a quad) is gathered pixel by pixel: repeated for every output row
     that reads it, that costs more than the pass it saves (ResNet-20's stem 9.6 -> 6.3 us)."""
-    choice = _default_choice(channels, 16, 8, Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True))
+    params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 9, True)
+    choice = _default_choice(channels, 16, 8, params)
     assert choice.parallel == "none" and choice.pack_per_row == per_row
 
 
