@@ -1,7 +1,7 @@
 """The graph-level phases of tvmq's compilation, as lists of passes (TVM's pipeline style).
 
 ``tvmq.compile`` assembles them with the schedule phase of ``schedules/`` into the one
-pipeline handed to ``tvm.compile``.
+pipeline handed to ``relax.build``.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def _record(err: FloatOpError) -> FloatOpError:
 
 @contextlib.contextmanager
 def float_errors_surface():
-    """Around ``tvm.compile``: a FloatOpError raised by a verifier pass inside it comes out
+    """Around ``relax.build``: a FloatOpError raised by a verifier pass inside it comes out
     as itself (one line), not as TVM's RuntimeError."""
     _raised.error = None
     try:
