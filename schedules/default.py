@@ -19,7 +19,7 @@ from schedules.elementwise import (SCHEDULED, inline_epilogue, is_scheduled, sch
                                    share_over_cores)
 from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, DOT_8X4_NEON_S8,
                                   DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI)
-from schedules.targets import cores_of, has_feature
+from schedules.targets import cores_of, has_feature, is_aarch64
 from topi_ops.conv2d import AMX_ATTR, FLAT_CHUNK, GATHERED
 
 def register_tile(out_blocks: int, width: int, target=None) -> tuple[int, int]:
@@ -41,7 +41,7 @@ def register_tile(out_blocks: int, width: int, target=None) -> tuple[int, int]:
 def vector_registers(target) -> tuple[int, int]:
     """(vector registers, their bytes) of the target: 32 x 64 B zmm with AVX-512, 32 x 16 B
     on aarch64 NEON, else 16 x 32 B ymm."""
-    if target is not None and str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+    if is_aarch64(target):
         return 32, 16
     if target is not None and has_feature(target, "avx512bw"):
         return 32, 64
@@ -97,7 +97,9 @@ SERIAL_MACS = 1 << 19
 # a conv with few rows (< 4 per core) shares them out only if its weights are at most this
 # big: each core then streams all of them per row, from its L2 (1 MB here). ResNet-18's
 # 7x7-pixel 1x1 downsample (128 KB) 44 -> 77 % of the peak with rows; its 3x3s (1.2-2.4 MB)
-# 85 % with rows, 91-94 % with (channel tile, row) pairs, each core keeping half the weights
+# 85 % with rows, 91-94 % with (channel tile, row) pairs, each core keeping half the weights.
+# x86 only: on the A72, llvm-mca puts the row order's hot loop of a 64-channel 3x3 at 63
+# cycles a step against 48 with channel tiles (LLVM's code for it is worse there)
 SHARED_WEIGHTS = 1 << 20
 
 
@@ -136,7 +138,7 @@ def default_conv_schedule(sch: s_tir.Schedule, conv, target, extents) -> ConvSch
         parallel = "none"
     elif y >= 4 * cores:
         parallel = "bands" if y % cores == 0 else "rows"
-    elif y >= 2 * cores and weight_bytes(sch, conv) <= SHARED_WEIGHTS:
+    elif y >= 2 * cores and weight_bytes(sch, conv) <= SHARED_WEIGHTS and not is_aarch64(target):
         parallel = "rows"  # few rows, but every core holds all the weights it streams
     else:
         parallel = "channels"

@@ -31,6 +31,11 @@ def host_target(num_cores: int | None = None) -> tvm.target.Target:
     return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": cores})
 
 
+def is_aarch64(target) -> bool:
+    """A 64-bit ARM target (the Pi presets; cross-compiled)."""
+    return target is not None and str(target.attrs.get("mtriple", "")).startswith("aarch64")
+
+
 def cores_of(target) -> int:
     """The cores a target's parallel loops are shared over (1 when it does not say)."""
     return int(target.attrs.get("num-cores", 1) or 1) if target is not None else 1
