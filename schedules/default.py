@@ -215,10 +215,10 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     else:
         sch.reorder(n, y, obo, xo, *reduce, obi, xi, oi, rj)
         if choice.parallel == "bands":  # one band of consecutive rows per core
-            if int(sch.get(y).extent) % cores_of(target):  # a predicate defeats tensorize
-                raise ValueError(f"{choice}: {sch.get(y).extent} rows do not split evenly"
-                                 f" over {cores_of(target)} cores")
-            y, _ = sch.split(y, [cores_of(target), None])
+            cores, rows = cores_of(target), int(sch.get(y).extent)
+            if rows % cores:  # the split's predicate would defeat tensorize
+                raise ValueError(f"{choice}: {rows} rows do not split evenly over {cores} cores")
+            y, _ = sch.split(y, [cores, None])
         outer = sch.fuse(n, y)
     if choice.parallel != "none":
         sch.parallel(outer)
