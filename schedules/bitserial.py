@@ -16,7 +16,7 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir import TensorIntrin
 
-from schedules.elementwise import schedule_loop_nest
+from schedules.elementwise import schedule_loop_nest, stack_allocate
 from topi_ops.bitserial import Layout, plane_sum, vector_bytes
 
 REGISTERS = 28  # of the 32 NEON / AVX-512 vector registers, leave a few for temporaries
@@ -212,6 +212,7 @@ def schedule_bitserial_conv2d(sch: s_tir.Schedule, lanes_block, target: tvm.targ
     sch.unroll(oi)
     sch.set_scope(init, 0, "local")
     schedule_loop_nest(sch, sch.get_sblock("tvmq_bitserial_data_pack"), target)
+    stack_allocate(sch, init)
 
 
 def scheduled_module(data_shape, packed, weight_shape, params, target,

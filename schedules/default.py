@@ -16,7 +16,7 @@ from schedules.amx import schedule_conv_amx
 from schedules.bitserial import schedule_bitserial_conv2d
 from schedules.grouped import schedule_conv_grouped
 from schedules.elementwise import (SCHEDULED, inline_epilogue, is_scheduled, schedule_loop_nest,
-                                   share_over_cores)
+                                   share_over_cores, stack_allocate)
 from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, DOT_8X4_NEON_S8,
                                   DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI)
 from schedules.targets import cores_of, has_feature, is_aarch64
@@ -266,6 +266,7 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
             block = sch.get_sblock(name)
             flat = FLAT_CHUNK in sch.get(block).annotations
             (schedule_flat_rows if flat else schedule_loop_nest)(sch, block, target)
+    stack_allocate(sch, init)
 
 
 def schedule_flat_rows(sch: s_tir.Schedule, pack, target, per_row: bool = False) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tvm import s_tir
 
-from schedules.elementwise import inline_epilogue, schedule_loop_nest
+from schedules.elementwise import inline_epilogue, schedule_loop_nest, stack_allocate
 
 LANE_CHOICES = (32, 16, 8)
 
@@ -66,3 +66,4 @@ def schedule_conv_grouped(sch: s_tir.Schedule, conv, target,
     for name in ("tvmq_conv_pad", "tvmq_conv_to_nhwc", "tvmq_conv_to_nchw"):
         if name in names:
             schedule_loop_nest(sch, names[name], target)
+    stack_allocate(sch, init)

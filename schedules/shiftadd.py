@@ -18,7 +18,7 @@ import tvm
 from tvm import s_tir
 
 from schedules.default import RULES
-from schedules.elementwise import schedule_loop_nest
+from schedules.elementwise import schedule_loop_nest, stack_allocate
 
 MAX_COLS = 8  # accumulator vectors of a tile (+ 3 constant vectors + temporaries <= 16)
 VECTOR = 16  # output columns per vector in the grouped kernel (at most)
@@ -47,6 +47,7 @@ def schedule_shiftadd(sch: s_tir.Schedule, acc, target: tvm.target.Target,
     sch.vectorize(sch.get_loops(init)[-1])
     for name in ("tvmq_shiftadd_pad", "tvmq_shiftadd_unpack"):
         schedule_loop_nest(sch, sch.get_sblock(name), target)
+    stack_allocate(sch, init)
 
 
 def schedule_shiftadd_grouped(sch: s_tir.Schedule, acc, target: tvm.target.Target) -> None:
@@ -62,6 +63,7 @@ def schedule_shiftadd_grouped(sch: s_tir.Schedule, acc, target: tvm.target.Targe
     init = sch.decompose_reduction(acc, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     schedule_loop_nest(sch, sch.get_sblock("tvmq_shiftadd_pad"), target)
+    stack_allocate(sch, init)
 
 
 RULES.update({"tvmq_shiftadd": schedule_shiftadd,

@@ -41,7 +41,19 @@ def test_default_tile_uses_the_register_file():
         assert register_tile(blocks, width, avx512) in register_tiles(blocks, width, avx512, 16)
 
 
-def _kernel(choice, nonneg=True, c=32, o=64, hw=14, k=3, stride=1, script=None):
+@tvm.instrument.pass_instrument
+class _BeforeBuiltins:
+    """Keeps the TIR that LowerTVMBuiltin (which places allocations) receives."""
+
+    def __init__(self, into: list):
+        self.into = into
+
+    def run_before_pass(self, mod, info):
+        if info.name.endswith("LowerTVMBuiltin"):
+            self.into.append(mod.script())
+
+
+def _kernel(choice, nonneg=True, c=32, o=64, hw=14, k=3, stride=1, script=None, lowered=None):
     pad = k // 2
     params = Conv2dParams((stride, stride), (pad,) * 4, (1, 1), 1, 9, True, nonneg=nonneg)
     rng = np.random.default_rng(0)
@@ -62,7 +74,9 @@ def _kernel(choice, nonneg=True, c=32, o=64, hw=14, k=3, stride=1, script=None):
         assert ("T.parallel" in sch.mod["main"].script()) != small
     if script is not None:
         script.append(sch.mod["main"].script())
-    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=HOST)
+    with tvm.transform.PassContext(instruments=[_BeforeBuiltins(lowered)] if lowered is not None
+                                   else []):
+        lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=HOST)
     x = rng.integers(0 if nonneg else -128, 128, (1, hw, hw, c)).astype(np.int8)
     result = tvm.runtime.tensor(np.zeros((1, oh, oh, o), np.int8))
     lib(tvm.runtime.tensor(x), tvm.runtime.tensor(wp), tvm.runtime.tensor(bp), result)
@@ -276,3 +290,16 @@ def test_folded_stem_design_spaces_print():
         copy = sch.copy()
         schedule(copy, conv, HOST, choice)
         assert "tvmq_conv_data_pack" in "\n".join(copy.trace.as_python()), choice
+
+
+@pytest.mark.parametrize("parallel", ["bands", "channels"])
+def test_accumulator_tile_is_on_each_threads_stack(parallel):
+    """The register tile's buffer is allocated inside the parallel task (one per thread) in
+    "global" scope and under 1 KB, which TVM 0.27 keeps on the stack: as "local" it was a
+    heap workspace that every tile was stored to and reloaded from."""
+    lowered = []
+    got = _kernel(ConvSchedule((2, 7), parallel=parallel), lowered=lowered)
+    np.testing.assert_array_equal(got, _kernel(None))
+    body = lowered[0].split("T.parallel", 1)[1]
+    tile = [line for line in body.splitlines() if "tvmq_conv_acc" in line and "alloc" in line]
+    assert len(tile) == 1 and "T.alloc_buffer((224,), \"int32\")" in tile[0], lowered[0]
