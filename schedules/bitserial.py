@@ -210,7 +210,6 @@ def schedule_bitserial_conv2d(sch: s_tir.Schedule, lanes_block, target: tvm.targ
     sch.unroll(i)
     sch.unroll(xi)
     sch.unroll(oi)
-    sch.set_scope(init, 0, "local")
     schedule_loop_nest(sch, sch.get_sblock("tvmq_bitserial_data_pack"), target)
     stack_allocate(sch, init)
 

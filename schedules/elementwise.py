@@ -38,7 +38,8 @@ def inline_epilogue(sch: s_tir.Schedule, block) -> None:
 
 def stack_allocate(sch: s_tir.Schedule, block, index: int = 0) -> None:
     """Give the accumulator tile ``block`` writes (its ``index``-th buffer) "global" scope,
-    the last step of a schedule (earlier, ``compute_at`` wants it "local"). TVM 0.27's
+    the last step of a schedule (the conv-pairs schedule's ``compute_at`` of its pack wants
+    the tile "local" until then; the other schedules never need "local"). TVM 0.27's
     LowerTVMBuiltin keeps a constant allocation under 1 KB on the stack only in "global"
     scope; a "local" one becomes a heap workspace (TVMBackendAllocWorkspace) in every
     parallel task, and LLVM keeps every store to it: the tile is zeroed in memory and

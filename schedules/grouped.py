@@ -62,7 +62,6 @@ def schedule_conv_grouped(sch: s_tir.Schedule, conv, target,
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(xi)
-    sch.set_scope(init, 0, "local")
     for name in ("tvmq_conv_pad", "tvmq_conv_to_nhwc", "tvmq_conv_to_nchw"):
         if name in names:
             schedule_loop_nest(sch, names[name], target)

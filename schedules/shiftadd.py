@@ -42,7 +42,6 @@ def schedule_shiftadd(sch: s_tir.Schedule, acc, target: tvm.target.Target,
     sch.vectorize(sch.get_loops(requant)[-1])
     sch.vectorize(oi)  # before decompose_reduction: vectorize needs the complete block
     sch.unroll(xi)
-    sch.set_scope(acc, 0, "local")
     init = sch.decompose_reduction(acc, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     for name in ("tvmq_shiftadd_pad", "tvmq_shiftadd_unpack"):
@@ -59,7 +58,6 @@ def schedule_shiftadd_grouped(sch: s_tir.Schedule, acc, target: tvm.target.Targe
     sch.reverse_compute_at(requant, xo)
     sch.vectorize(sch.get_loops(requant)[-1])
     sch.vectorize(xi)
-    sch.set_scope(acc, 0, "local")
     init = sch.decompose_reduction(acc, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     schedule_loop_nest(sch, sch.get_sblock("tvmq_shiftadd_pad"), target)
