@@ -303,3 +303,6 @@ def test_accumulator_tile_is_on_each_threads_stack(parallel):
     body = lowered[0].split("T.parallel", 1)[1]
     tile = [line for line in body.splitlines() if "tvmq_conv_acc" in line and "alloc" in line]
     assert len(tile) == 1 and "T.alloc_buffer((224,), \"int32\")" in tile[0], lowered[0]
+    # and the tensor intrinsic names no temporaries: each would be an alloc_local, a heap
+    # workspace allocated and freed in every task (schedules.intrinsics._broadcast)
+    assert "alloc_local" not in body, lowered[0]
