@@ -174,6 +174,17 @@ def test_main_in_process_unknown_scheme(tmp_path, capsys):
     assert "unknown scheme 'int-ze'" in capsys.readouterr().err
 
 
+def test_zero_parity_inputs_refused_before_work(tmp_path, capsys):
+    """A build always checks itself against the PyTorch reference (deploy compares the board
+    with those outputs): --parity 0 is refused by the parser, the API says so up front."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--parity", "0", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "at least 1 input" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least 1 parity input"):
+        tvmq.build(nn.Linear(2, 2), torch.zeros(1, 2), out=tmp_path / "o", parity=0)
+    _no_output(tmp_path / "o")
+
+
 def test_cli_builds_exported_pt2(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))

@@ -385,6 +385,8 @@ def build(model, example: torch.Tensor | None = None, target="x86", out: str | P
     (``TVM_NUM_THREADS`` overrides); the manifest records both.
     """
     start = time.perf_counter()
+    if parity < 1:  # the manifest's parity record is what deploy checks the board against
+        raise ValueError(f"tvmq.build(parity={parity}): at least 1 parity input is needed")
     tgt = resolve(target)
     if out is not None:
         check_out(Path(out))  # before minutes of work, not after

@@ -146,6 +146,15 @@ def report(art: Artifact) -> Table:
     return table
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type of ``--parity``: a build always checks itself on some input."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: the build checks itself against the"
+                                         " PyTorch integer reference on at least 1 input")
+    return value
+
+
 def validate_args(args) -> None:
     """Refuse bad arguments before any work: target, scheme, MODEL, --out, --data."""
     from schedules.targets import resolve
@@ -176,7 +185,8 @@ def main(argv=None) -> int:
                     + "; ".join(f"{n}: {s.config.__doc__.strip().splitlines()[0]}"
                                 for n, s in SCHEMES.items())
                     + ") or a recipe JSON file {layer: spec}")
-    ap.add_argument("--parity", type=int, default=64, help="inputs in the local parity check")
+    ap.add_argument("--parity", type=_at_least_one, default=64,
+                    help="inputs in the local parity check (at least 1)")
     ap.add_argument("--data", help="zoo models: calibrate and check parity on a local dataset"
                     " (resnet20: CIFAR-10 python batches; resnet18: an ImageNet-style folder)")
     ap.add_argument("--quiet", action="store_true", help="no training progress bars")
