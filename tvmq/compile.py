@@ -4,6 +4,7 @@ aarch64 targets with Debian's ``aarch64-linux-gnu-g++``)."""
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 
 import tvm
 from tvm import relax
@@ -19,6 +20,19 @@ from tvmq.errors import ToolchainError
 
 CROSS_CXX = f"{AARCH64_TRIPLE}-g++"
 VM_EXEC_MODE = "compiled"  # the VM program as machine code (relax.build); "bytecode" interprets
+
+
+@contextmanager
+def interpreted_vm():
+    """Builds inside this block compile the VM program to bytecode: the VM then calls each
+    kernel through its interpreter, where an instrument sees every call (``tvmq.profile``).
+    The kernels are the same machine code either way."""
+    global VM_EXEC_MODE
+    saved, VM_EXEC_MODE = VM_EXEC_MODE, "bytecode"
+    try:
+        yield
+    finally:
+        VM_EXEC_MODE = saved
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyDefaultSchedules")
