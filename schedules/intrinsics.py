@@ -187,8 +187,8 @@ def _dot_8x4_smull(A: T.Buffer((4,), "int8", offset_factor=1),
         T.reads(C[0:8], A[0:4], B[0:8, 0:4])
         T.writes(C[0:8])
         # A's byte pairs (a0 a1), (a2 a3), each broadcast to 8 int16 lanes; B's rows
-        # (i, k0..k3) deinterleaved by byte pair (one ld2 .8h): w01 = (i, k0 k1) and
-        # w23 = (i, k2 k3) for i = 0..7
+        # (i, k0..k3) deinterleaved by byte pair (one ld2 .8h): (i, k0 k1) and (i, k2 k3)
+        # for i = 0..7 (LLVM computes each operand once: they are pure expressions)
         _smull_smlal_sadalp(C, 0, _byte_pairs(B, 0), _byte_pairs(B, 1),
                             _broadcast(A.vload([0], "int8x2"), "int16", 8, "int8x16"),
                             _broadcast(A.vload([2], "int8x2"), "int16", 8, "int8x16"),
