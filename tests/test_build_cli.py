@@ -179,7 +179,7 @@ def test_zero_parity_inputs_refused_before_work(tmp_path, capsys):
     with those outputs): --parity 0 is refused by the parser, the API says so up front."""
     with pytest.raises(SystemExit) as exit_:
         main(["--parity", "0", "--out", str(tmp_path / "o")])
-    assert exit_.value.code == 2 and "at least 1 input" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "--parity: 0: at least 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least 1 parity input"):
         tvmq.build(nn.Linear(2, 2), torch.zeros(1, 2), out=tmp_path / "o", parity=0)
     _no_output(tmp_path / "o")

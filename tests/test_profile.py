@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tvmq.profile import main
 
 
@@ -27,7 +29,12 @@ def test_profile_times_every_kernel_call_in_order(tmp_path, capsys):
 def test_profile_refuses_bad_arguments_in_one_line(tmp_path, capsys):
     assert main(["nope", "--out", str(tmp_path)]) == 2
     assert "model 'nope': not a zoo name" in capsys.readouterr().err
-    assert main(["resnet20", "--rounds", "0", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["resnet20", "--rounds", "0", "--out", str(tmp_path)])
     err = capsys.readouterr().err
-    assert "--rounds 0: at least 1" in err and "Traceback" not in err
+    assert exit_.value.code == 2 and "--rounds: 0: at least 1" in err, err
     assert not any(tmp_path.iterdir())
+    (tmp_path / "f").write_text("mine")
+    assert main(["resnet20", "--out", str(tmp_path / "f")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "f").read_text() == "mine"

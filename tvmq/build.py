@@ -146,13 +146,24 @@ def report(art: Artifact) -> Table:
     return table
 
 
-def _at_least_one(text: str) -> int:
-    """argparse type of ``--parity``: a build always checks itself on some input."""
+def at_least_one(text: str) -> int:
+    """argparse type of a count that must be >= 1 (``--parity``: a build always checks
+    itself against the PyTorch integer reference; ``--rounds``)."""
     value = int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: the build checks itself against the"
-                                         " PyTorch integer reference on at least 1 input")
+        raise argparse.ArgumentTypeError(f"{value}: at least 1 is needed")
     return value
+
+
+def validate_model(model: str | None, scheme: str) -> None:
+    """Refuse a bad MODEL or --scheme before any work."""
+    get_recipe(scheme)  # UnknownSchemeError naming the registered ones
+    if model not in (None, "digits") and model not in zoo.ZOO:
+        path = Path(model)
+        if path.is_dir():
+            from tvmq.artifact import load_program
+
+            load_program(path)  # "is a directory" (and what it is)
 
 
 def validate_args(args) -> None:
@@ -161,13 +172,7 @@ def validate_args(args) -> None:
 
     if args.target not in TARGETS:
         resolve(args.target)  # raises the clear error
-    get_recipe(args.scheme)  # UnknownSchemeError naming the registered ones
-    if args.model not in (None, "digits") and args.model not in zoo.ZOO:
-        path = Path(args.model)
-        if path.is_dir():
-            from tvmq.artifact import load_program
-
-            load_program(path)  # "is a directory" (and what it is)
+    validate_model(args.model, args.scheme)
     name = "digits" if args.model is None else args.model if args.model in zoo.ZOO else None
     if args.out is not None:
         check_out(Path(args.out))
@@ -185,8 +190,9 @@ def main(argv=None) -> int:
                     + "; ".join(f"{n}: {s.config.__doc__.strip().splitlines()[0]}"
                                 for n, s in SCHEMES.items())
                     + ") or a recipe JSON file {layer: spec}")
-    ap.add_argument("--parity", type=_at_least_one, default=64,
-                    help="inputs in the local parity check (at least 1)")
+    ap.add_argument("--parity", type=at_least_one, default=64,
+                    help="inputs in the local parity check against the PyTorch integer"
+                    " reference (at least 1)")
     ap.add_argument("--data", help="zoo models: calibrate and check parity on a local dataset"
                     " (resnet20: CIFAR-10 python batches; resnet18: an ImageNet-style folder)")
     ap.add_argument("--quiet", action="store_true", help="no training progress bars")

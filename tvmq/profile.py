@@ -135,8 +135,8 @@ def plot(result: dict, title: str, path: Path) -> None:
 def main(argv=None) -> int:
     from rich.console import Console
 
-    from tvmq.build import validate_args
-    from tvmq.errors import USER_ERRORS
+    from tvmq.build import at_least_one, validate_model
+    from tvmq.errors import USER_ERRORS, ArtifactError
 
     ap = argparse.ArgumentParser(prog="python -m tvmq.profile",
                                  description=__doc__.split("\n\n")[0])
@@ -144,18 +144,18 @@ def main(argv=None) -> int:
     ap.add_argument("--scheme", default="int-se", help="for zoo/default models (as tvmq.build)")
     ap.add_argument("--db", help="a tuning database for this CPU (zoo models: the shipped one)")
     ap.add_argument("--no-db", action="store_true", help="default schedules only")
-    ap.add_argument("--rounds", type=int, default=15, help="rounds of timing (medians)")
+    ap.add_argument("--rounds", type=at_least_one, default=15, help="rounds of timing (medians)")
     ap.add_argument("--out", help="directory for profile.json and profile.png"
                     " (default bench/profile-MODEL)")
     args = ap.parse_args(argv)
     console = Console(stderr=True)
     try:
-        validate_args(argparse.Namespace(target="x86", scheme=args.scheme, model=args.model,
-                                         out=None, data=None))
-        if args.rounds < 1:
-            raise ValueError(f"--rounds {args.rounds}: at least 1")
+        validate_model(args.model, args.scheme)
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ArtifactError(f"--out {args.out} is a file, not a directory: name a directory"
+                                " for profile.json and profile.png")
         result = _profile_model(args, console)
-    except (*USER_ERRORS, ValueError) as err:
+    except USER_ERRORS as err:
         console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         return 2
     name = result["model"]
