@@ -76,6 +76,12 @@ def _dot(lanes: int, group: int, a_dtype: str, b_dtype: str, llvm_intrinsic: str
     vpdpbusd), else a vector add follows (vpmaddwd)."""
     ab = f"{b_dtype}x{group * lanes}"  # LLVM's operand type (bytes are i8 either way)
 
+    def a_word(A):  # A's group broadcast to every lane
+        return _broadcast(A.vload([0], f"{a_dtype}x{group}"), "int32", lanes, ab)
+
+    def b_row(B):
+        return B.vload([0, 0], dtype=ab)
+
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((group,), a_dtype, offset_factor=1),
              B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
@@ -86,13 +92,11 @@ def _dot(lanes: int, group: int, a_dtype: str, b_dtype: str, llvm_intrinsic: str
             if fused:
                 C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(llvm_intrinsic), C[T.ramp(T.int32(0), 1, lanes)],
-                    _broadcast(A.vload([0], f"{a_dtype}x{group}"), "int32", lanes, ab),
-                    B.vload([0, 0], dtype=ab), dtype=f"int32x{lanes}")
+                    a_word(A), b_row(B), dtype=f"int32x{lanes}")
             else:
                 C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(llvm_intrinsic),
-                    _broadcast(A.vload([0], f"{a_dtype}x{group}"), "int32", lanes, ab),
-                    B.vload([0, 0], dtype=ab), dtype=f"int32x{lanes}")
+                    T.llvm_lookup_intrinsic_id(llvm_intrinsic), a_word(A), b_row(B),
+                    dtype=f"int32x{lanes}")
 
     return _dot_desc(lanes, group, a_dtype, b_dtype), impl
 
@@ -153,30 +157,33 @@ _SMULL = "llvm.aarch64.neon.smull.v8i16"
 _SADDLP = "llvm.aarch64.neon.saddlp.v4i32.v8i16"
 
 
-@T.macro
-def _smull_smlal_sadalp(C, c0, w01, w23, a01, a23, lo):
-    # int16 lane 2i+j = w[c0+i, j] a[j] + w[c0+i, j+2] a[j+2] (smull + smlal), within
-    # 2 * 127 * 128 because a >= 0; sadalp: int32 lane i += int16 lanes 2i, 2i+1
-    C[T.ramp(c0, 1, 4)] = C[T.ramp(c0, 1, 4)] + T.call_llvm_pure_intrin(
-        T.llvm_lookup_intrinsic_id(_SADDLP),
-        T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL),
-                                T.Shuffle([w01], [lo, lo + 1, lo + 2, lo + 3, lo + 4, lo + 5,
-                                                  lo + 6, lo + 7]),
-                                T.Shuffle([a01], [lo, lo + 1, lo + 2, lo + 3, lo + 4, lo + 5,
-                                                  lo + 6, lo + 7]), dtype="int16x8")
-        + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL),
-                                  T.Shuffle([w23], [lo, lo + 1, lo + 2, lo + 3, lo + 4, lo + 5,
-                                                    lo + 6, lo + 7]),
-                                  T.Shuffle([a23], [lo, lo + 1, lo + 2, lo + 3, lo + 4, lo + 5,
-                                                    lo + 6, lo + 7]),
-                                  dtype="int16x8"),
-        dtype="int32x4")
-
-
 def _byte_pairs(B, pair: int):
     """Byte pair ``pair`` (k0 k1, or k2 k3) of each of B's 8 rows, as 16 bytes."""
     w = T.reinterpret(B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
     return T.reinterpret(T.Shuffle([w], list(range(pair, 16, 2))), dtype="int8x16")
+
+
+def _a_pair(A, first: int):
+    """A's byte pair (a[first], a[first + 1]) broadcast to 8 int16 lanes, as 16 bytes."""
+    return _broadcast(A.vload([first], "int8x2"), "int16", 8, "int8x16")
+
+
+def _half(v, lo: int):
+    """Bytes lo..lo+7 of a 16-byte vector (smull's low or high half)."""
+    return T.Shuffle([v], list(range(lo, lo + 8)))
+
+
+@T.macro
+def _smull_smlal_sadalp(C, c0, A, B, lo):
+    # int16 lane 2i+j = w[c0+i, j] a[j] + w[c0+i, j+2] a[j+2] (smull + smlal), within
+    # 2 * 127 * 128 because a >= 0; sadalp: int32 lane i += int16 lanes 2i, 2i+1
+    C[T.ramp(c0, 1, 4)] = C[T.ramp(c0, 1, 4)] + T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id(_SADDLP),
+        T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), _half(_byte_pairs(B, 0), lo),
+                                _half(_a_pair(A, 0), lo), dtype="int16x8")
+        + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), _half(_byte_pairs(B, 1), lo),
+                                  _half(_a_pair(A, 2), lo), dtype="int16x8"),
+        dtype="int32x4")
 
 
 @T.prim_func(s_tir=True)
@@ -189,14 +196,8 @@ def _dot_8x4_smull(A: T.Buffer((4,), "int8", offset_factor=1),
         # A's byte pairs (a0 a1), (a2 a3), each broadcast to 8 int16 lanes; B's rows
         # (i, k0..k3) deinterleaved by byte pair (one ld2 .8h): (i, k0 k1) and (i, k2 k3)
         # for i = 0..7 (LLVM computes each operand once: they are pure expressions)
-        _smull_smlal_sadalp(C, 0, _byte_pairs(B, 0), _byte_pairs(B, 1),
-                            _broadcast(A.vload([0], "int8x2"), "int16", 8, "int8x16"),
-                            _broadcast(A.vload([2], "int8x2"), "int16", 8, "int8x16"),
-                            0)  # smull + smlal, lanes 0..3
-        _smull_smlal_sadalp(C, 4, _byte_pairs(B, 0), _byte_pairs(B, 1),
-                            _broadcast(A.vload([0], "int8x2"), "int16", 8, "int8x16"),
-                            _broadcast(A.vload([2], "int8x2"), "int16", 8, "int8x16"),
-                            8)  # smull2 + smlal2, lanes 4..7
+        _smull_smlal_sadalp(C, 0, A, B, 0)  # smull + smlal, lanes 0..3
+        _smull_smlal_sadalp(C, 4, A, B, 8)  # smull2 + smlal2, lanes 4..7
 
 
 TensorIntrin.register(DOT_8X4_NEON_S8, _dot_desc(8, 4, "int8", "int8"), _dot_8x4_smull,
