@@ -92,6 +92,11 @@ ROW_PACK_MACS = 1 << 20
 # costs more than the second core saves (ResNet-20's stem and strided 1x1s, 0.1-0.4 M: the
 # model 1-2 % faster in interleaved A/Bs; all of its convs under 3 M on one core: 30 % slower)
 SERIAL_MACS = 1 << 19
+# ... unless it streams more weights than this: they come from L3 or memory every inference,
+# and two cores fetch them faster than one (ResNet-18's dense, 0.5 M MACs of 512 KB weights:
+# in the model 13-22 us on one core against 6 us warm; both cores: the model 0.15 % faster,
+# interleaved A/B, AVX-512 VNNI host)
+SERIAL_WEIGHTS = 1 << 18
 
 
 # a conv with few rows (< 4 per core) shares them out only if its weights are at most this
@@ -125,8 +130,9 @@ def default_conv_schedule(sch: s_tir.Schedule, conv, target, extents) -> ConvSch
     interleaved A/Bs). Rows that do not split evenly over the cores are shared out one by
     one; fewer rows too where the weights fit a core's cache (``SHARED_WEIGHTS``), else
     (channel tile, row) pairs, so that every core has work and keeps its share; convs under
-    ``SERIAL_MACS`` run on one core, small rows packing their own input (``ROW_PACK_MACS``)
-    unless the pack gathers channels (``GATHERED``)."""
+    ``SERIAL_MACS`` run on one core unless their weights are big (``SERIAL_WEIGHTS``), small
+    rows packing their own input (``ROW_PACK_MACS``) unless the pack gathers channels
+    (``GATHERED``)."""
     _n, y, *per_row = (int(sch.get(lp).extent) for lp in sch.get_loops(conv))
     row_macs = int(np.prod(per_row))
     # a gathered pack (channels padded to the group, e.g. RGB) repeated per row costs more
@@ -134,7 +140,7 @@ def default_conv_schedule(sch: s_tir.Schedule, conv, target, extents) -> ConvSch
     gathered = any(sch.get(b).name_hint == "tvmq_conv_data_pack" and GATHERED in
                    sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
     cores = cores_of(target)
-    if conv_macs(sch, conv) < SERIAL_MACS:
+    if conv_macs(sch, conv) < SERIAL_MACS and weight_bytes(sch, conv) <= SERIAL_WEIGHTS:
         parallel = "none"
     elif y >= 4 * cores:
         parallel = "bands" if y % cores == 0 else "rows"

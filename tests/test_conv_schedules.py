@@ -7,9 +7,9 @@ import pytest
 import tvm
 from tvm import s_tir, te
 
-from schedules.default import (SERIAL_MACS, ConvSchedule, conv_loop_extents, conv_macs,
-                               conv_rows, conv_schedules, register_tile, register_tiles,
-                               schedule_conv_pairs)
+from schedules.default import (SERIAL_MACS, SERIAL_WEIGHTS, ConvSchedule, conv_loop_extents,
+                               conv_macs, conv_rows, conv_schedules, register_tile,
+                               register_tiles, schedule_conv_pairs, weight_bytes)
 from schedules.targets import resolve
 from topi_ops.conv2d import Conv2dParams, pack_conv2d, qconv2d
 
@@ -68,7 +68,7 @@ def _kernel(choice, nonneg=True, c=32, o=64, hw=14, k=3, stride=1, script=None, 
     if choice == "space":
         return conv_schedules(*conv_loop_extents(sch, conv), HOST, int(wp.shape[4]),
                               conv_macs(sch, conv), conv_rows(sch, conv))
-    small = conv_macs(sch, conv) < SERIAL_MACS
+    small = conv_macs(sch, conv) < SERIAL_MACS and weight_bytes(sch, conv) <= SERIAL_WEIGHTS
     schedule_conv_pairs(sch, conv, HOST, choice)
     if choice is None:  # the default: parallel unless the conv is small
         assert ("T.parallel" in sch.mod["main"].script()) != small
@@ -216,6 +216,14 @@ def test_few_rows_are_shared_out_only_when_each_core_can_hold_the_weights(kernel
     assert _default_choice(256, 512, 14, params, kernel).parallel == parallel
     assert _default_choice(1024, 2048, 1, Conv2dParams((1, 1), (0,) * 4, (1, 1), 1, 9, True),
                            1).parallel == "channels"  # one row (a dense layer): channel tiles
+
+
+@pytest.mark.parametrize("outputs,parallel", [(1000, "channels"), (100, "none")])
+def test_few_macs_run_on_one_core_unless_the_weights_are_big(outputs, parallel):
+    """A dense layer of 512 inputs: 1000 outputs (ResNet-18's, 0.5 M MACs but 512 KB of
+    weights streamed each inference) on both cores, 100 outputs (51 KB) on one."""
+    dense = Conv2dParams((1, 1), (0,) * 4, (1, 1), 1, 9)
+    assert _default_choice(512, outputs, 1, dense, 1).parallel == parallel
 
 
 @pytest.mark.parametrize("channels", [16, 3])
