@@ -274,6 +274,7 @@ def int8_conv_module(channels: int, hw: int, target, nonneg: bool = False) -> tv
     params = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 8, False, nonneg=nonneg)
     rng = np.random.default_rng(0)
     w = rng.integers(-128, 128, (channels, channels, 3, 3)).astype(np.int8)
+    w[0, 0, 0, 0] = -128  # a signed input then keeps the A72's int16 pairs (conv_layout)
     wp, bp = pack_conv2d(w, np.zeros(channels, np.int32), params, target)
     data = te.placeholder((1, hw, hw, channels), "int8", "data")  # NHWC, as the model runs it
     wt, bt = te.placeholder(wp.shape, str(wp.dtype), "w"), te.placeholder(bp.shape, "int32", "b")

@@ -24,7 +24,8 @@ saturates.
 
 ``tvmq_dot_8x4_i8_smull_sadalp``: the same step on s8 for the Pi 4's Cortex-A72 (no dot
 product): per half block, 8-bit ``smull`` + ``smlal`` (two products per int16 lane) then
-``sadalp`` into 4 int32 lanes; exact only for A in [0, 127] (|lane| <= 2*127*128).
+``sadalp`` into 4 int32 lanes; exact only where two products fit an int16 lane: A in
+[0, 127] (|lane| <= 2*127*128) or no B of -128 (2*128*127; ``topi_ops.conv2d.conv_layout``).
 
 AMX-INT8 (``tdpbusd`` on tile registers) is no per-vector intrinsic: a whole conv row is one,
 made per conv geometry, in ``schedules.amx``.

@@ -1,8 +1,9 @@
-"""The Pi 4's 8-bit conv (Cortex-A72, no dotprod): where a conv's input is known to be >= 0,
-s8 quads run as 8-bit ``smull`` + ``smlal`` (two products per int16 lane, at most
-2 * 127 * 128 in magnitude) + ``sadalp`` into int32; elsewhere the int16 pairs stay. Bit-exact
-against the ``tvmq.ops`` reference on the emulated Pi (qemu, cortex-a72), with the worst-case
-int16 lane; the assembly shows which path each conv took."""
+"""The Pi 4's 8-bit conv (Cortex-A72, no dotprod): where two products always fit an int16
+lane, s8 quads run as 8-bit ``smull`` + ``smlal`` + ``sadalp`` into int32: a conv whose input
+is known to be >= 0 (at most 2 * 127 * 128 in magnitude), or whose weights avoid -128 (a
+signed input, at most 2 * 128 * 127); elsewhere the int16 pairs stay. Bit-exact against the
+``tvmq.ops`` reference on the emulated Pi (qemu, cortex-a72), with the worst-case int16 lane;
+the assembly shows which path each conv took."""
 from __future__ import annotations
 
 import gc
@@ -63,14 +64,18 @@ def relu_conv(case, shift):
 
 def test_layout_choice():
     assert conv_layout(ARM) == PAIRS and conv_layout(ARM, nonneg=True) == NEON_QUADS
+    assert conv_layout(ARM, weight_min=-127) == NEON_QUADS
     assert conv_layout(resolve("rpi5"), nonneg=True) == SDOT_QUADS
     assert data_layout((1, 3, 3, 2, 8, 4), ARM).data == "int8"
-    w = np.ones((8, 4, 3, 3), np.int8)
+    w = np.full((8, 4, 3, 3), -127, np.int8)
     signed = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 0)
     nonneg = Conv2dParams((1, 1), (1, 1, 1, 1), (1, 1), 1, 0, nonneg=True)
+    for params in (signed, nonneg):  # no weight of -128: quads on any input
+        packed = pack_conv2d(w, np.zeros(8), params, ARM)[0]
+        assert packed.shape == (1, 3, 3, 1, 8, 4) and packed.dtype == np.int8
+    w[3, 2, 1, 0] = -128  # one -128 weight: two products may reach 2 * 128 * 128
     assert pack_conv2d(w, np.zeros(8), signed, ARM)[0].shape == (1, 3, 3, 2, 8, 2)
-    packed = pack_conv2d(w, np.zeros(8), nonneg, ARM)[0]
-    assert packed.shape == (1, 3, 3, 1, 8, 4) and packed.dtype == np.int8
+    assert pack_conv2d(w, np.zeros(8), nonneg, ARM)[0].shape == (1, 3, 3, 1, 8, 4)
 
 
 @pytest.mark.parametrize("kind", ["edge", "max", "random"])
@@ -87,11 +92,36 @@ def test_relu_conv_on_pi(emulated_pi, case, kind, gen):
     assert_bit_exact(run_on_board(emulated_pi.address, m, x), want)
 
 
+@pytest.mark.parametrize("kind", ["edge", "random"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_signed_conv_without_min_weight_on_pi(emulated_pi, case, kind, gen):
+    """A signed input (no ReLU before the conv, e.g. an RGB stem) with weights in [-127, 127]
+    takes the 8-bit quads too; "edge": inputs -128 and 127, channel 0's weights all -127, so
+    its int16 lanes reach 2 * (-128) * (-127) = 32512, channel 1's -32512."""
+    n, c, h, w, o, k, stride, padding = case
+    if kind == "random":
+        x, wt = int8(n, c, h, w, gen=gen), int8(o, c, k, k, gen=gen, lo=-127)
+    else:
+        x = torch.where(torch.rand(n, c, h, w, generator=gen) < 0.5, -128, 127).to(torch.int8)
+        wt = torch.where(torch.rand(o, c, k, k, generator=gen) < 0.5, -127, 127).to(torch.int8)
+        x[:, :, ::2] = -128  # whole rows of -128: some windows hold nothing else
+        wt[0], wt[1] = -127, 127
+    assert pack_conv2d(wt.numpy(), np.zeros(o), Conv2dParams((stride,) * 2, padding, (1, 1),
+                                                              1, 0), ARM)[0].shape[5] == 4
+    b = torch.randint(-3000, 3000, (o,), generator=gen, dtype=torch.int32)
+    m = OpModule(lambda x, w, b: ops.qconv2d(x, w, b, [stride] * 2, list(padding), [1, 1], 1, 0,
+                                             6 if kind == "random" else 9, False, 8), wt, b)
+    want = m(x)
+    assert (want == 127).any() and (want == -128).any()  # saturates both ways
+    assert_bit_exact(run_on_board(emulated_pi.address, m, x), want)
+
+
 def test_two_convs_on_pi(emulated_pi, gen):
     """conv (ReLU) -> conv: the second one's input is known >= 0 from the first's epilogue;
-    the first (signed input) keeps int16 pairs. Both exact in one module."""
+    the first (signed input, a -128 weight) keeps int16 pairs. Both exact in one module."""
     x = int8(1, 8, 9, 9, gen=gen)
     w1, w2 = int8(16, 8, 3, 3, gen=gen), int8(8, 16, 3, 3, gen=gen)
+    w1[0, 0, 0, 0] = -128
     w2[0] = -128
     b1, b2 = (torch.randint(-2000, 2000, (o,), generator=gen, dtype=torch.int32) for o in (16, 8))
 
@@ -153,9 +183,10 @@ def test_te_kernel_on_pi(emulated_pi, case, layout, gen):
 
 
 # ----------------------------------------------------------------------------- assembly
-def relu_conv_assembly(relu_input: bool) -> str:
+def relu_conv_assembly(relu_input: bool, weight_min: int = -128) -> str:
     gen = torch.Generator().manual_seed(0)
-    x, w = int8(1, 16, 8, 8, gen=gen), int8(16, 16, 3, 3, gen=gen)
+    x, w = int8(1, 16, 8, 8, gen=gen), int8(16, 16, 3, 3, gen=gen, lo=weight_min)
+    w[0, 0, 0, 0] = weight_min
     b = torch.zeros(16, dtype=torch.int32)
     pre = ops.qrelu if relu_input else (lambda v: v)
     m = OpModule(lambda x, w, b: ops.qconv2d(pre(x), w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1, 2,
@@ -177,8 +208,10 @@ def hot_loop(body: str, mnemonic: str) -> str:
     return "\n".join(lines[best[0]:best[1] + 1])
 
 
-def test_nonneg_conv_hot_loop_is_8bit_smull_smlal_sadalp():
-    loop = hot_loop(conv_body(relu_conv_assembly(True)), "sadalp")
+@pytest.mark.parametrize("relu_input,weight_min", [(True, -128), (False, -127)],
+                         ids=["nonneg-input", "signed-input-no-min-weight"])
+def test_conv_hot_loop_is_8bit_smull_smlal_sadalp(relu_input, weight_min):
+    loop = hot_loop(conv_body(relu_conv_assembly(relu_input, weight_min)), "sadalp")
     assert re.search(r"\bsmull2?\s+v\d+\.8h, v\d+\.(8|16)b", loop), "no 8-bit smull"
     assert re.search(r"\bsmlal2?\s+v\d+\.8h, v\d+\.(8|16)b", loop), "no 8-bit smlal"
     assert re.search(r"\bsadalp\s+v\d+\.4s, v\d+\.8h", loop), "no sadalp into int32"
@@ -186,7 +219,7 @@ def test_nonneg_conv_hot_loop_is_8bit_smull_smlal_sadalp():
     assert "sdot" not in loop
 
 
-def test_signed_conv_keeps_int16_pairs():
+def test_signed_conv_with_a_min_weight_keeps_int16_pairs():
     loop = hot_loop(conv_body(relu_conv_assembly(False)), "smlal2?")
     assert re.search(r"\bsmlal2?\s+v\d+\.4s, v\d+\.(4h|8h)", loop), "no 16-bit smlal"
     assert not re.search(r"\b(sadalp|smull2?\s+v\d+\.8h)", loop)
@@ -207,8 +240,9 @@ def test_share_of_peak_estimate():
 
 # ----------------------------------------------------------------------------- a model
 def test_resnet20_int_se_on_pi(emulated_pi):
-    """A whole ResNet-20 (INT-SE, calibrated) for the Pi 4: its convs after a ReLU take the
-    8-bit quads, the stem (signed input) the int16 pairs; bit-exact on the emulated board."""
+    """A whole ResNet-20 (INT-SE, calibrated) for the Pi 4: every conv takes the 8-bit quads,
+    those after a ReLU and the stem (signed input, but none of its weights is -128); no int16
+    pairs are left. Bit-exact on the emulated board."""
     import tvmq
     from deploy import remote
     from tvm import relax
@@ -219,12 +253,13 @@ def test_resnet20_int_se_on_pi(emulated_pi):
     qat = tvmq.prepare(zoo.resnet20(), "int-se")
     tvmq.calibrate(qat, [torch.randn(4, 3, 32, 32) for _ in range(2)])
     deploy = tvmq.convert(qat).eval()
+    assert int(deploy.tvmq_conv_1.weight.min()) > -128  # the stem's
     x = torch.randn(2, 3, 32, 32)
     ex = compile_relax(import_exported_program(torch.export.export(deploy, (x,))), ARM)
     (lib,) = [lib for lib in ex.mod.imports if lib.kind == "llvm"] or ex.mod.imports[:1]
     asm = lib.inspect_source("s")
     assert re.search(r"\bsadalp\s+v\d+\.4s, v\d+\.8h", asm)  # 8-bit quads
-    assert re.search(r"\bsmlal2?\s+v\d+\.4s, v\d+\.(4h|8h)", asm)  # int16 pairs (the stem)
+    assert not re.search(r"\bsmlal2?\s+v\d+\.4s, v\d+\.(4h|8h)", asm)  # no int16 pairs
     with tempfile.TemporaryDirectory() as tmp:
         export_library(ex, ARM, str(Path(tmp) / "r20.so"))
         gc.collect()

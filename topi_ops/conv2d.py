@@ -24,9 +24,10 @@ target (``conv_layout``):
 - AVX2: u8 x s8 quads (G = 4, B = 8), ``vpmaddubsw`` + ``vpmaddwd`` by ones, for inputs known
   to be >= 0 (u8 <= 127 keeps the saturating int16 pair sums exact); int16 pairs (G = 2,
   B = 8), ``vpmaddwd``, where the input can be negative;
-- Cortex-A72 (Pi 4): s8 quads, 8-bit ``smull`` + ``smlal`` + ``sadalp`` for inputs known to be
-  >= 0 (two products per int16 lane stay within 2 x 127 x 128); NEON int16 pairs (``smlal``)
-  otherwise;
+- Cortex-A72 (Pi 4): s8 quads, 8-bit ``smull`` + ``smlal`` + ``sadalp`` wherever two products
+  always fit an int16 lane: inputs known to be >= 0 (2 x 127 x 128), or weights none of which
+  is -128 (2 x 128 x 127: a signed input, e.g. an RGB stem; the packer sees the weights); NEON
+  int16 pairs (``smlal``) otherwise;
 - Cortex-A76 (Pi 5): s8 quads (G = 4, B = 8), two ``sdot`` per block.
 
 A conv whose input channels do not fill whole groups (an RGB stem) folds its horizontal taps
@@ -69,20 +70,24 @@ AMX_QUADS = ConvLayout(16, 4, "uint8", "tdpbusd")  # AMX-INT8: VNNI_QUADS' packi
 AVXVNNI_QUADS = ConvLayout(8, 4, "uint8", "vpdpbusd-ymm")  # AVX-VNNI (no AVX-512): the same, 8 lanes
 SDOT_QUADS = ConvLayout(8, 4, "int8", "sdot")  # ARMv8.2 dotprod: s8 x s8, two sdot per block
 AVX2_QUADS = ConvLayout(8, 4, "uint8", "vpmaddubsw")  # AVX2 vpmaddubsw + vpmaddwd: u8 (x >= 0) x s8
-# Cortex-A72 (no dotprod), input known >= 0: 8-bit smull + smlal (two products per int16
-# lane, within 2 * 127 * 128) + sadalp; the same packing as SDOT_QUADS
+# Cortex-A72 (no dotprod), input known >= 0 or no weight -128: 8-bit smull + smlal (two
+# products per int16 lane, within 2 * 128 * 127) + sadalp; the same packing as SDOT_QUADS
 NEON_QUADS = ConvLayout(8, 4, "int8", "smull-sadalp")
 
 
-def conv_layout(target, nonneg: bool = False) -> ConvLayout:
+def conv_layout(target, nonneg: bool = False, weight_min: int = -128) -> ConvLayout:
     """The packing the target's integer dot-product instruction wants; ``nonneg``: the input
-    is known to lie in [0, 127] (then AVX2 without VNNI takes u8 quads, ``vpmaddubsw``, and
-    the A72 s8 quads, 8-bit ``smull``/``smlal``/``sadalp``: both exact only on such inputs)."""
+    is known to lie in [0, 127] (then AVX2 without VNNI takes u8 quads, ``vpmaddubsw``, exact
+    only on such inputs); ``weight_min``: the conv's smallest weight. The A72's s8 quads
+    (8-bit ``smull``/``smlal``/``sadalp``) need two products to fit an int16 lane: an input
+    >= 0 (|a*w| <= 127*128) or no weight of -128 (|a*w| <= 128*127)."""
     if target is None or target.kind.name != "llvm":
         return PAIRS
     has = tvm.target.codegen.llvm_cpu_has_features
     if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
-        return SDOT_QUADS if has("dotprod", target) else NEON_QUADS if nonneg else PAIRS
+        if has("dotprod", target):
+            return SDOT_QUADS
+        return NEON_QUADS if nonneg or weight_min > -128 else PAIRS
     if has("amx-int8", target) and has("amx-tile", target):
         return AMX_QUADS
     if has("avx512vnni", target) and has("avx512bw", target):
@@ -183,7 +188,7 @@ def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, targ
         return [np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).astype(np.int8),
                 bias.astype(np.int32)]
     o, c, kh, kw = weight.shape
-    layout = conv_layout(target, params.nonneg)
+    layout = conv_layout(target, params.nonneg, int(weight.min(initial=0)))
     if layout.data == "uint8" and 255 * 128 * c * kh * kw >= 2**31:  # u8 sums could overflow
         layout = VNNI_PAIRS if layout.block == 16 else PAIRS
     block, group = layout.block, layout.group
