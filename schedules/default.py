@@ -20,7 +20,7 @@ from schedules.elementwise import (SCHEDULED, inline_epilogue, is_scheduled, sch
 from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, DOT_8X4_NEON_S8,
                                   DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI)
 from schedules.targets import cores_of, has_feature, is_aarch64
-from topi_ops.conv2d import AMX_ATTR, FLAT_CHUNK, GATHERED
+from topi_ops.conv2d import AMX_ATTR, FLAT_CHUNK, GATHERED, PROLOGUE
 
 def register_tile(out_blocks: int, width: int, target=None) -> tuple[int, int]:
     """(output-channel blocks, output columns) of the int32 accumulator tile kept in vector
@@ -200,6 +200,9 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     with its requantize epilogue on the register tile and parallel data (un)packing.
     ``choice`` overrides the default (``register_tile``, taps first, channel tiles shared
     out): tuning."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if PROLOGUE in sch.get(block).annotations:  # e.g. a decode: computed as it is packed
+            sch.compute_inline(block)
     blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
     if "tvmq_dense_as_image" in blocks:  # dense = 1x1 conv: its reshapes are free
         sch.compute_inline(blocks["tvmq_dense_as_image"])

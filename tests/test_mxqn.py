@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import tvm
 from torch import nn
 
 import tvmq
 from tests.conftest import OpModule, assert_bit_exact, run_on_board, run_tvm
+from schedules.targets import resolve
 from tvmq import schemes, zoo
 from tvmq.schemes.mxqn import (LOG, CalibrationDataError, LogGrid, MXQNQuantizer,
                                layer_choices)
@@ -147,6 +149,67 @@ def test_mx_qlinear_bit_exact_x86(gen):
     m = OpModule(lambda x, w, b, t, th: ops.mx_qlinear(x, w, b, t, th, 1, 4, True, True, 0, 16),
                  w, b, g.table(), g.thresholds())
     assert_bit_exact(run_tvm(m, x), m(x))
+
+
+ZNVER3 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2 without AVX-512: vpmaddwd
+
+
+def _edge_case(in_log, out_log, base, groups=1):
+    """Codes beyond the levels (-128, 127, +-(L + 1): clipped to L), +-L and 0; weights -128
+    and 127; the decoded extremes (181 << 7 = 23168 for sqrt2) times them in every window."""
+    levels = 16 if base == "sqrt2" else 15
+    g = LogGrid(0, levels, base, nonneg=False)
+    gen = torch.Generator().manual_seed(7)
+    pick = torch.tensor([-128, 127, -levels - 1, levels + 1, -levels, levels, 0, 1, -1] if in_log
+                        else [-128, 127, 0, 1, -1], dtype=torch.int8)
+    x = pick[torch.randint(0, len(pick), (2, 6, 7, 7), generator=gen)]
+    x[0, :, 2:5, 2:5] = pick[0]  # whole windows at the most negative code
+    w = torch.where(torch.rand(6, 6 // groups, 3, 3, generator=gen) < 0.5, -128, 127).to(torch.int8)
+    w[0], w[1] = -128, 127  # a window of the most negative code: both signs saturate
+    b = torch.randint(-3000, 3000, (6,), generator=gen, dtype=torch.int32)
+    lo, hi = g.code_range() if out_log else (-128, 127)
+    # the largest accumulator, shifted, at twice the top threshold (or int8 bound): every
+    # level and both bounds are reachable
+    top = (int(g.table()[-1]) if in_log else 128) * 128 * 6 // groups * 9
+    shift = (top // (2 * int(g.thresholds()[-1] if out_log else 128))).bit_length() - 1
+    m = OpModule(lambda x, w, b, t, th: ops.mx_qconv2d(
+        x, w, b, t, th, [1, 1], [1, 1, 1, 1], [1, 1], groups, 0, shift, in_log, out_log, lo, hi),
+        w, b, g.table(), g.thresholds())
+    return m, x, (lo, hi)
+
+
+@pytest.mark.parametrize("target", ["x86", ZNVER3], ids=["vnni", "avx2"])
+@pytest.mark.parametrize("base", ["sqrt2", "2"])
+@pytest.mark.parametrize("in_log,out_log", [(True, False), (False, True), (True, True)])
+def test_mx_qconv2d_edge_values_bit_exact(in_log, out_log, base, target):
+    """The int8 kernel's decode (int16 pairs: vpdpwssd, vpmaddwd on AVX2) and encode
+    against the reference at the extremes: both output bounds reached."""
+    m, x, (lo, hi) = _edge_case(in_log, out_log, base)
+    want = m(x)
+    assert (want == lo).any() and (want == hi).any()
+    assert_bit_exact(run_tvm(m, x, target=target), want)
+
+
+def _kernels(m, x, target="x86"):
+    from tvmq.compile import lower_graph
+    from tvmq.frontend import import_exported_program
+
+    mod = lower_graph(import_exported_program(torch.export.export(m, (x,))), resolve(target))
+    return [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
+def test_mx_ops_run_on_the_int8_conv_kernel():
+    """A dense MXQN conv and linear are tvmq's conv kernel (no TOPI conv2d/matmul left); a
+    grouped one keeps the int32 Relax ops, exact too."""
+    m, x, _ = _edge_case(True, True, "sqrt2")
+    names = _kernels(m, x)
+    assert any(n.startswith("tvmq_qconv2d") for n in names), names
+    assert not any("conv2d" in n and not n.startswith("tvmq_") for n in names), names
+    grouped, x, (lo, hi) = _edge_case(True, True, "sqrt2", groups=3)
+    assert any("conv2d" in n and not n.startswith("tvmq_") for n in _kernels(grouped, x))
+    want = grouped(x)
+    assert (want == lo).any() and (want == hi).any()
+    assert_bit_exact(run_tvm(grouped, x), want)
 
 
 def test_mxqn_model_builds_integer_only_and_bit_exact(tmp_path):

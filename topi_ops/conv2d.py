@@ -97,6 +97,13 @@ def conv_layout(target, nonneg: bool = False, weight_min: int = -128) -> ConvLay
     return AVX2_QUADS if nonneg and has("avx2", target) else PAIRS
 
 
+def pairs_layout(target) -> ConvLayout:
+    """The target's int16-pair packing, for inputs wider than int8 (decoded log codes) or
+    sums u8 quads could overflow: ``vpdpwssd`` where the int8 kernel has 16 lanes (AVX-512
+    VNNI, AMX hosts), else ``vpmaddwd`` (AVX2) or ``smlal`` (NEON)."""
+    return VNNI_PAIRS if conv_layout(target).block == 16 else PAIRS
+
+
 def data_layout(weight_shape, target) -> ConvLayout:
     """The layout of a packed weight ``[O/B, KH, KW, C/G, B, G]`` (with the data dtype; the
     target tells (8, 4) apart: AVX2 u8 quads on x86, sdot s8 quads on aarch64)."""
@@ -121,6 +128,7 @@ def amx_fits(channels: int, out_width: int) -> bool:
 
 
 GATHERED = "tvmq_gathered"  # on a data pack whose channels do not fill whole groups
+PROLOGUE = "tvmq_prologue"  # on an elementwise block feeding the data pack: inlined into it
 FLAT_CHUNK = "tvmq_flat_chunk"  # on a folded conv's flat-row pack: its padding's granule
 
 
@@ -178,19 +186,21 @@ def output_hw(hw, kernel, params: Conv2dParams) -> tuple[int, int]:
             (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
 
 
-def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, target=None):
-    """OIHW int8 -> ``[O/B, KH, KW, C/G, B, G]`` (zero-padded; ``conv_layout``) for dense
-    convs: int16 pairs (G = 2), or int8 quads (G = 4) whose data side is offset to u8, the
-    offset's contribution ``128 * sum(w)`` taken out of the bias here, exactly. Grouped
-    convs take ``[KH, KW, C/groups, O]``: a vector of output channels is one load. The bias
-    is int32 at the accumulator's exponent."""
+def pack_conv2d(weight: np.ndarray, bias: np.ndarray, params: Conv2dParams, target=None,
+                layout: ConvLayout | None = None):
+    """OIHW int8 -> ``[O/B, KH, KW, C/G, B, G]`` (zero-padded; ``conv_layout``, or
+    ``layout``: e.g. ``pairs_layout`` for an int16 input) for dense convs: int16 pairs
+    (G = 2), or int8 quads (G = 4) whose data side is offset to u8, the offset's contribution
+    ``128 * sum(w)`` taken out of the bias here, exactly. Grouped convs take
+    ``[KH, KW, C/groups, O]``: a vector of output channels is one load. The bias is int32 at
+    the accumulator's exponent."""
     if params.groups != 1:
         return [np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).astype(np.int8),
                 bias.astype(np.int32)]
     o, c, kh, kw = weight.shape
-    layout = conv_layout(target, params.nonneg, int(weight.min(initial=0)))
+    layout = layout or conv_layout(target, params.nonneg, int(weight.min(initial=0)))
     if layout.data == "uint8" and 255 * 128 * c * kh * kw >= 2**31:  # u8 sums could overflow
-        layout = VNNI_PAIRS if layout.block == 16 else PAIRS
+        layout = pairs_layout(target)
     block, group = layout.block, layout.group
     dtype = np.int16 if group == 2 else np.int8
     if folds_taps(c, kw, group, params):  # [O/B, KH, 1, KW*C/G, B, G], k = rx * C + c
