@@ -40,6 +40,27 @@ def test_ort_int8_peer_runs_in_its_own_process(tmp_path):
     assert report["load_guard"]["warning"] is None
 
 
+def test_bad_scheme_is_refused_before_any_peer(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "resnet20", "--scheme", "bogus"])
+    assert "--scheme" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(600)
+def test_scheme_runs_in_tvmqs_rows(tmp_path):
+    """``--scheme mxqn:4``: tvmq's row builds and times that scheme in its own process
+    (parity checked), its label says so, and issue 11's W8A8 goals are not judged."""
+    out = tmp_path / "bench"
+    assert bench.main(["--model", "resnet20", "--scheme", "mxqn:4", *SKIP_ALL_BUT("tvmq_w8a8"),
+                       "--allow-busy", "--busy-cores", "1000", "--busy-window", "0.2",
+                       "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    r = report["results"]["tvmq_w8a8"]
+    assert r["scheme"] == "mxqn" and r["median_ms"] > 0 and r["parity_mismatches"] == 0
+    assert report["scheme"] == "mxqn:4" and report["goals"] == []
+    assert bench.label("tvmq_w8a8", "mxqn:4") == "tvmq mxqn:4 default"
+
+
 def _spin():
     proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     time.sleep(0.3)  # past the interpreter's start
@@ -87,7 +108,8 @@ def test_idle_machine_is_not_busy():
 
 def _args(**kw):
     return SimpleNamespace(**{"busy_cores": 0.1, "busy_tries": 3, "busy_wait": 0.0,
-                              "busy_window": 0.0, "allow_busy": False, **kw})
+                              "busy_window": 0.0, "allow_busy": False, "scheme": bench.W8A8,
+                              **kw})
 
 
 def _guard(monkeypatch, before, during):

@@ -6,7 +6,9 @@ thread pool both spin, and slow each other down when they share a process):
 - ``torch_fp32``  PyTorch eager fp32, the faster of NCHW and channels_last
 - ``torch_int8``  PyTorch int8: FX graph mode quantization, x86 backend
 - ``tvm_fp32``    TVM, float model, default Relax pipeline, untuned
-- ``tvmq_w8a8``   tvmq INT-SE W8A8 with its default schedules, untuned
+- ``tvmq_w8a8``   tvmq INT-SE W8A8 with its default schedules, untuned (``--scheme``: another
+  of tvmq's schemes for the model, e.g. ``mxqn:4``; its rows then say so, and issue 11's
+  goals, set for W8A8, are not judged)
 - ``ort_fp32``, ``ort_int8``, ``et_fp32``, ``et_int8``: ONNX Runtime and ExecuTorch + XNNPACK
   (:mod:`tvmq.peers`; optional: ``pip install -e .[peers]``, reported unavailable otherwise)
 
@@ -36,6 +38,16 @@ LABELS = {"torch_fp32": "PyTorch fp32", "torch_int8": "PyTorch int8 (x86)",
           "tvm_fp32": "TVM fp32 untuned", "tvm_fp32_tuned": "TVM fp32 tuned",
           "tvmq_w8a8": "tvmq W8A8 default",
           "tvmq_w8a8_tuned": "tvmq W8A8 tuned", **_peers.LABELS}
+W8A8 = "int-se"  # tvmq's scheme in the benchmark unless --scheme names another
+
+
+def label(peer: str, scheme: str = W8A8) -> str:
+    """A peer's name in tables, plots and messages; tvmq's rows name a scheme other than
+    W8A8 (``--scheme``)."""
+    name = LABELS[peer]
+    return name.replace("W8A8", scheme) if scheme != W8A8 and peer.startswith("tvmq") else name
+
+
 BASELINES = ("torch_fp32", "torch_int8", "fastest_int8")
 SHORT = {"torch_fp32": "fp32", "torch_int8": "int8", "fastest_int8": "fastest int8 peer"}
 INT8_PEERS = ("torch_int8", "ort_int8", "et_int8")  # the int8 runtimes a user could pick instead
@@ -238,9 +250,10 @@ def tvm_fp32_tuned(model: str, calls: int, trials: int = 0) -> dict:
             "note": f"{trials} trials, tuned {tuning_s / 60:.0f} min"}
 
 
-def tvmq_w8a8(model: str, calls: int, db: str | None = None) -> dict:
-    """tvmq INT-SE W8A8, default schedules (or ``db``'s tuned ones): the CLI's path for a zoo
-    model (``zoo_program`` then ``tvmq.build``), the library loaded back from ``model.so``."""
+def tvmq_w8a8(model: str, calls: int, db: str | None = None, scheme: str = W8A8) -> dict:
+    """tvmq INT-SE W8A8 (or ``scheme``), default schedules (or ``db``'s tuned ones): the CLI's
+    path for a zoo model (``zoo_program`` then ``tvmq.build``), the library loaded back from
+    ``model.so``."""
     import tvm
 
     import tvmq
@@ -248,18 +261,18 @@ def tvmq_w8a8(model: str, calls: int, db: str | None = None) -> dict:
 
     _, x = _float_model(model)
     t = time.perf_counter()
-    ep = zoo_program(model, "int-se")
+    ep = zoo_program(model, scheme)
     with tempfile.TemporaryDirectory() as tmp:
         art = tvmq.build(ep, target="x86", out=Path(tmp) / model, parity=PARITY_INPUTS, db=db)
         build_s = time.perf_counter() - t
         lib = tvm.runtime.load_module(str(art.path / "model.so"))
         mismatches = art.manifest["parity"]["mismatches"]
-        return {**_time_vm(lib, x, calls), "build_s": build_s,
+        return {**_time_vm(lib, x, calls), "build_s": build_s, "scheme": art.manifest["scheme"],
                 "parity_mismatches": mismatches,
                 "note": f"build {build_s:.0f} s, parity {'ok' if not mismatches else 'MISMATCH'}"}
 
 
-def tvmq_w8a8_tuned(model: str, calls: int, db: str | None = None) -> dict:
+def tvmq_w8a8_tuned(model: str, calls: int, db: str | None = None, scheme: str = W8A8) -> dict:
     """tvmq W8A8 with the kernels of a MetaSchedule database (``python -m tvmq.tune``; by
     default the one shipped for this CPU, if any)."""
     db = db or _shipped_db(model)
@@ -267,7 +280,7 @@ def tvmq_w8a8_tuned(model: str, calls: int, db: str | None = None) -> dict:
         return {"unavailable": f"no tuning database {db}: python -m tvmq.tune {model} --db {db}"}
     from schedules.tuning import database_cost
 
-    result = tvmq_w8a8(model, calls, db)
+    result = tvmq_w8a8(model, calls, db, scheme)
     if cost := database_cost(db):  # the wall time of the tuning that made the database
         result["tuning_s"] = cost[0]
         result["note"] += f", tuned {result['tuning_s'] / 60:.0f} min"
@@ -301,7 +314,7 @@ def _spawn(peer: str, args) -> dict:
     env = {**os.environ, "TVM_NUM_THREADS": str(args.threads),
            "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "tvmq.bench", "--peer", peer, "--model", args.model,
-           "--threads", str(args.threads), "--calls", str(args.calls),
+           "--threads", str(args.threads), "--calls", str(args.calls), "--scheme", args.scheme,
            *(["--db", args.db] if args.db else []), "--trials", str(args.trials)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -332,7 +345,7 @@ def _run_peer(peer: str, args, say=print) -> dict:
         pre = _peers.measure_load(args.busy_window)
         if pre["cores"] > threshold and not args.allow_busy:
             busy = {"before": pre, "during": None, "threshold": threshold, "attempts": attempt}
-            say(f"{LABELS[peer]}: {_peers.busy_line(pre, then)}")
+            say(f"{label(peer, args.scheme)}: {_peers.busy_line(pre, then)}")
             if attempt < tries:
                 time.sleep(args.busy_wait)
             continue
@@ -345,9 +358,9 @@ def _run_peer(peer: str, args, say=print) -> dict:
             return result
         busy = {"before": pre, "during": during, "threshold": threshold, "attempts": attempt}
         if args.allow_busy:
-            say(f"{LABELS[peer]}: {_peers.busy_line(worst, 'recorded anyway (--allow-busy)')}")
+            say(f"{label(peer, args.scheme)}: {_peers.busy_line(worst, 'recorded anyway (--allow-busy)')}")
             return {**result, "busy": busy}
-        say(f"{LABELS[peer]}: {_peers.busy_line(worst, then)}")
+        say(f"{label(peer, args.scheme)}: {_peers.busy_line(worst, then)}")
         if attempt < tries:
             time.sleep(args.busy_wait)
     return {"not_recorded": "machine busy", "busy": busy}
@@ -416,7 +429,7 @@ def _ratios(results: dict) -> dict:
             for b in BASELINES if b in ok and b != p}
 
 
-def _plot(results: dict, title: str, path: Path) -> None:
+def _plot(results: dict, title: str, path: Path, scheme: str = W8A8) -> None:
     """Horizontal bars of the medians, whiskers from the first to the third quartile; log
     scale when the medians span a lot."""
     import matplotlib
@@ -427,7 +440,7 @@ def _plot(results: dict, title: str, path: Path) -> None:
     names = [p for p, r in results.items() if "median_ms" in r]
     times = [results[p]["median_ms"] for p in names]
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.5))
-    bars = ax.barh([LABELS[p] for p in names], times,
+    bars = ax.barh([label(p, scheme) for p in names], times,
                    xerr=[[results[p]["median_ms"] - results[p]["q1_ms"] for p in names],
                          [results[p]["q3_ms"] - results[p]["median_ms"] for p in names]],
                    color=["C1" if p == BAR[0] else "C0" for p in names])
@@ -443,7 +456,7 @@ def _plot(results: dict, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _table(results: dict, ratios: dict, title: str):
+def _table(results: dict, ratios: dict, title: str, scheme: str = W8A8):
     """The rich table: median, IQR, ratio to each baseline, note."""
     from rich.markup import escape
     from rich.table import Table
@@ -460,7 +473,7 @@ def _table(results: dict, ratios: dict, title: str):
                     if "unavailable" in r else
                     f"[red]not recorded: {r['not_recorded']}[/]" if "not_recorded" in r
                     else "[red]failed[/]")
-            table.add_row(LABELS[peer], "-", "-", *("-" for _ in BASELINES), note)
+            table.add_row(label(peer, scheme), "-", "-", *("-" for _ in BASELINES), note)
             continue
         cells = ["1.00×" if peer == b else f"{ratios[f'{peer}/{b}']:.2f}×"
                  if f"{peer}/{b}" in ratios else "-" for b in BASELINES]
@@ -469,7 +482,7 @@ def _table(results: dict, ratios: dict, title: str):
             worst = max((d for d in (r["busy"]["before"], r["busy"]["during"]) if d),
                         key=lambda d: d["cores"])
             note = f"[red]BUSY ({worst['cores']:.2f} foreign cores)[/] {escape(note)}"
-        table.add_row(LABELS[peer], f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}", *cells,
+        table.add_row(label(peer, scheme), f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}", *cells,
                       note if "busy" in r else escape(note))
     return table
 
@@ -504,6 +517,9 @@ def main(argv=None) -> int:
                     help="a peer not to run (repeatable)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per peer")
     ap.add_argument("--db", help="tvmq's tuning database (default: the one shipped for this CPU)")
+    ap.add_argument("--scheme", default=W8A8,
+                    help="tvmq's quantization scheme NAME[:ARGS] (as tvmq.build; default"
+                         f" {W8A8}: W8A8); the int8 peers stay standard int8")
     ap.add_argument("--trials", type=int, default=0,
                     help="TVM fp32's tuning budget (default: the trials of tvmq's database)")
     ap.add_argument("--layers", action="store_true",
@@ -520,11 +536,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.calls < CALLS and not args.peer:
         ap.error(f"--calls: at least {CALLS} (the median of fewer single calls is noise)")
+    from tvmq.schemes import UnknownSchemeError, get_recipe
+
+    try:
+        get_recipe(args.scheme)
+    except UnknownSchemeError as err:
+        ap.error(f"--scheme: {err}")
     if args.peer:
         import torch
 
         torch.set_num_threads(args.threads)
-        extra = ({"db": args.db} if args.peer.startswith("tvmq") else
+        extra = ({"db": args.db, "scheme": args.scheme} if args.peer.startswith("tvmq") else
                  {"trials": args.trials or _tuning_trials(args.model, args.db)}
                  if args.peer == "tvm_fp32_tuned" else
                  {"threads": args.threads} if args.peer in _peers.PEERS else {})
@@ -547,7 +569,7 @@ def main(argv=None) -> int:
                 if "unavailable" in first or "error" in first:  # once is enough
                     bar.advance(task)
                     continue
-                bar.update(task, info=f"{LABELS[peer]} (own process)"
+                bar.update(task, info=f"{label(peer, args.scheme)} (own process)"
                            + (f", round {rnd + 1}/{args.rounds}" if args.rounds > 1 else ""))
                 runs[peer].append(_run_peer(peer, args, say=lambda m: bar.console.print(
                     m, highlight=False, markup=False)))
@@ -563,29 +585,30 @@ def main(argv=None) -> int:
     title = f"{args.model}, batch 1, {args.threads} threads, {machine['cpu']} ({machine['llvm_mcpu']})"
     console = Console()
     if results:
-        console.print(_table(results, ratios, title))
+        console.print(_table(results, ratios, title, args.scheme))
         for p, r in results.items():
             if "median_ms" not in r and "not_recorded" not in r:
-                console.print(f"{LABELS[p]}: unavailable: {r['unavailable']}" if "unavailable"
-                              in r else f"{LABELS[p]}: {r.get('error')}", highlight=False,
+                console.print(f"{label(p, args.scheme)}: unavailable: {r['unavailable']}" if "unavailable"
+                              in r else f"{label(p, args.scheme)}: {r.get('error')}", highlight=False,
                               markup=False)
             elif "busy" in r or "not_recorded" in r:
                 b = r["busy"]
                 worst = max((d for d in (b["before"], b["during"]) if d),
                             key=lambda d: d["cores"])
-                console.print(f"{LABELS[p]}: {_peers.busy_line(worst)}"
+                console.print(f"{label(p, args.scheme)}: {_peers.busy_line(worst)}"
                               + (" (recorded: --allow-busy)" if "median_ms" in r else
                                  f" in {b['attempts']} attempts: not recorded"),
                               highlight=False, markup=False)
         verdict = ("not measured" if value is None
                    else f"{value:.2f}× -> {'[green]PASS[/]' if passed else '[red]FAIL[/]'}")
-        console.print(f"bar: {LABELS[peer]} <= {limit:g}× {LABELS[base]}: {verdict}")
-        for line in _goal_lines(ratios, args.model):
+        console.print(f"bar: {label(peer, args.scheme)} <= {limit:g}× {LABELS[base]}: {verdict}")
+        for line in _goal_lines(ratios, args.model) if args.scheme == W8A8 else []:
             console.print(line)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "threads": args.threads, "machine": machine,
+    report = {"model": args.model, "scheme": args.scheme, "threads": args.threads,
+              "machine": machine,
               "timing": {"calls": args.calls, "min_timed_s": MIN_TIMED_S, "warmup": WARMUP,
                          "rounds": args.rounds,
                          "statistic": "median, IQR of single calls timed from Python",
@@ -602,7 +625,7 @@ def main(argv=None) -> int:
               "bar": {"what": f"{peer} <= {limit:g}x {base}", "ratio": value, "pass": passed},
               "goals": [{"what": f"{p} <= {limit:g}x fastest_int8", "limit": limit,
                          "ratio": ratios.get(f"{p}/fastest_int8")}
-                        for p, limit in GOALS[args.model]]}
+                        for p, limit in GOALS[args.model]] if args.scheme == W8A8 else []}
     if args.layers or args.layers_only:
         from tvmq import bench_layers
 
@@ -616,7 +639,7 @@ def main(argv=None) -> int:
     write_atomic(out / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     plotted = any("median_ms" in r for r in results.values())
     if plotted:
-        _plot(results, title, out / "bench.png")
+        _plot(results, title, out / "bench.png", args.scheme)
     console.print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else ""))
     return 0
 
