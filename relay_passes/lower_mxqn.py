@@ -19,8 +19,8 @@ from functools import partial
 
 from tvm import relax
 
-from relay_passes.lower_composites import (LOWERINGS, OUTPUT_RANGES, _aligned_bias, _constant,
-                                           channels_last, nonneg)
+from relay_passes.lower_composites import (LOWERINGS, OUTPUT_RANGES, LoweringError,
+                                           _aligned_bias, _constant, channels_last, nonneg)
 from topi_ops import conv2d as conv_ops
 from topi_ops import dense as dense_ops
 from topi_ops import log_codes
@@ -94,6 +94,13 @@ def _operands(args, attrs, target, node, input_range):
     codes = dict(table=_constant(table, "the log table", node).tolist() if in_log else None,
                  thresholds=_constant(thresholds, "the log thresholds", node).tolist()
                  if out_log else None, shift=out_shift)
+    if codes["table"] is not None and (codes["table"][0] != 0
+                                       or max(map(abs, codes["table"])) > 32767):
+        raise LoweringError(f"node {node!r}: a log table starts at 0 and fits int16 (the"
+                            f" int16-pair kernel takes the decoded values), got {codes['table']}")
+    if codes["thresholds"] is not None and min(codes["thresholds"], default=1) <= 0:
+        raise LoweringError(f"node {node!r}: log thresholds must be positive, got"
+                            f" {codes['thresholds']}")
     return (_constant(w, "the weight", node), _aligned_bias(b, bias_shift, node),
             conv_ops.pairs_layout(target) if in_log else None,
             dict(lo=lo, hi=hi, nonneg=not in_log and nonneg(input_range)), codes)

@@ -94,8 +94,8 @@ ROW_PACK_MACS = 1 << 20
 SERIAL_MACS = 1 << 19
 # ... unless it streams more weights than this: they come from L3 or memory every inference,
 # and two cores fetch them faster than one (ResNet-18's dense, 0.5 M MACs of 512 KB weights:
-# in the model 13-22 us on one core against 6 us warm; both cores: the model 0.15 % faster,
-# interleaved A/B, AVX-512 VNNI host)
+# in the model 13-22 us on one core against 6 us warm; both cores: the model 0.2-0.3 %
+# faster, interleaved A/B, AVX-512 VNNI host)
 SERIAL_WEIGHTS = 1 << 18
 
 
@@ -244,7 +244,7 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         DOT_8X4_AVXVNNI if has_feature(target, "avxvnni") else DOT_8X4_AVX2)
     intrin = {(16, 4): DOT_16X4_VNNI, (16, 2): DOT_16X2_VNNI, (8, 4): quads8}.get(
         (lanes, group), DOT_8X2_AVX2 if has_feature(target, "avx2") else None)
-    if intrin == DOT_8X4_SDOT and not has_feature(target, "dotprod"):  # A72, input >= 0
+    if intrin == DOT_8X4_SDOT and not has_feature(target, "dotprod"):  # A72 (conv_layout)
         intrin = DOT_8X4_NEON_S8  # s8 quads without sdot: 8-bit smull + smlal + sadalp
     if intrin is None:  # NEON pairs and others: 8 int32 lanes, widening multiply-accumulate
         sch.reorder(rj, oi)

@@ -177,7 +177,8 @@ def _half(v, lo: int):
 @T.macro
 def _smull_smlal_sadalp(C, c0, A, B, lo):
     # int16 lane 2i+j = w[c0+i, j] a[j] + w[c0+i, j+2] a[j+2] (smull + smlal), within
-    # 2 * 127 * 128 because a >= 0; sadalp: int32 lane i += int16 lanes 2i, 2i+1
+    # 2 * 128 * 127 because a >= 0 or no w is -128 (conv_layout); sadalp: int32 lane i +=
+    # int16 lanes 2i, 2i+1
     C[T.ramp(c0, 1, 4)] = C[T.ramp(c0, 1, 4)] + T.call_llvm_pure_intrin(
         T.llvm_lookup_intrinsic_id(_SADDLP),
         T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_SMULL), _half(_byte_pairs(B, 0), lo),

@@ -178,7 +178,7 @@ def _edge_case(in_log, out_log, base, groups=1):
     return m, x, (lo, hi)
 
 
-@pytest.mark.parametrize("target", ["x86", ZNVER3], ids=["vnni", "avx2"])
+@pytest.mark.parametrize("target", ["x86", ZNVER3], ids=["host", "avx2"])
 @pytest.mark.parametrize("base", ["sqrt2", "2"])
 @pytest.mark.parametrize("in_log,out_log", [(True, False), (False, True), (True, True)])
 def test_mx_qconv2d_edge_values_bit_exact(in_log, out_log, base, target):
@@ -198,6 +198,15 @@ def _kernels(m, x, target="x86"):
     return [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
 
 
+def _mx_linear(table):
+    g = LogGrid(0, 16, "sqrt2", nonneg=True)
+    w = torch.randint(-127, 128, (7, 40), generator=torch.Generator().manual_seed(3),
+                      dtype=torch.int8)
+    return OpModule(lambda x, w, b, t, th: ops.mx_qlinear(x, w, b, t, th, 1, 4, True, True, 0,
+                                                          16), w, torch.zeros(7, dtype=torch.int32),
+                    table, g.thresholds())
+
+
 def test_mx_ops_run_on_the_int8_conv_kernel():
     """A dense MXQN conv and linear are tvmq's conv kernel (no TOPI conv2d/matmul left); a
     grouped one keeps the int32 Relax ops, exact too."""
@@ -205,11 +214,27 @@ def test_mx_ops_run_on_the_int8_conv_kernel():
     names = _kernels(m, x)
     assert any(n.startswith("tvmq_qconv2d") for n in names), names
     assert not any("conv2d" in n and not n.startswith("tvmq_") for n in names), names
+    x = torch.randint(0, 17, (3, 40), generator=torch.Generator().manual_seed(4), dtype=torch.int8)
+    names = _kernels(_mx_linear(LogGrid(0, 16, "sqrt2", nonneg=True).table()), x)
+    assert any(n.startswith("tvmq_qdense") for n in names), names
+    assert not any("matmul" in n or "dense" in n and not n.startswith("tvmq_") for n in names)
     grouped, x, (lo, hi) = _edge_case(True, True, "sqrt2", groups=3)
     assert any("conv2d" in n and not n.startswith("tvmq_") for n in _kernels(grouped, x))
     want = grouped(x)
     assert (want == lo).any() and (want == hi).any()
     assert_bit_exact(run_tvm(grouped, x), want)
+
+
+def test_log_table_too_wide_for_int16_is_named():
+    """A hand-made table beyond int16 (the reference op takes it): one clear line naming the
+    node, before any kernel is built."""
+    from relay_passes import LoweringError
+
+    table = LogGrid(0, 16, "sqrt2", nonneg=True).table()
+    table[-1] = 40000
+    x = torch.randint(0, 17, (3, 40), generator=torch.Generator().manual_seed(4), dtype=torch.int8)
+    with pytest.raises((LoweringError, RuntimeError), match=r"node 'mx_qlinear'.*fits int16"):
+        run_tvm(_mx_linear(table), x)
 
 
 def test_mxqn_model_builds_integer_only_and_bit_exact(tmp_path):

@@ -358,7 +358,8 @@ def _run_peer(peer: str, args, say=print) -> dict:
             return result
         busy = {"before": pre, "during": during, "threshold": threshold, "attempts": attempt}
         if args.allow_busy:
-            say(f"{label(peer, args.scheme)}: {_peers.busy_line(worst, 'recorded anyway (--allow-busy)')}")
+            say(f"{label(peer, args.scheme)}: "
+                f"{_peers.busy_line(worst, 'recorded anyway (--allow-busy)')}")
             return {**result, "busy": busy}
         say(f"{label(peer, args.scheme)}: {_peers.busy_line(worst, then)}")
         if attempt < tries:
@@ -588,9 +589,9 @@ def main(argv=None) -> int:
         console.print(_table(results, ratios, title, args.scheme))
         for p, r in results.items():
             if "median_ms" not in r and "not_recorded" not in r:
-                console.print(f"{label(p, args.scheme)}: unavailable: {r['unavailable']}" if "unavailable"
-                              in r else f"{label(p, args.scheme)}: {r.get('error')}", highlight=False,
-                              markup=False)
+                name = label(p, args.scheme)
+                console.print(f"{name}: unavailable: {r['unavailable']}" if "unavailable" in r
+                              else f"{name}: {r.get('error')}", highlight=False, markup=False)
             elif "busy" in r or "not_recorded" in r:
                 b = r["busy"]
                 worst = max((d for d in (b["before"], b["during"]) if d),

@@ -36,7 +36,8 @@ every fallback is recorded in the layer's ``reason``.
 Deploy ops: layers with neither a log input nor a log output are plain INT-SE
 (``tvmq::qconv2d``/``qlinear`` on the int8 kernels); the others run as ``tvmq::mx_qconv2d`` /
 ``tvmq::mx_qlinear`` (decode, int32 conv, encode or clamp), lowered by
-``relay_passes.lower_mxqn`` to integer-only TOPI kernels.
+``relay_passes.lower_mxqn`` onto tvmq's int8 conv kernel (decoded values as int16 pairs;
+``topi_ops.log_codes``), grouped convs to integer Relax ops.
 """
 from __future__ import annotations
 
@@ -434,7 +435,7 @@ class IntMXLinear(IntMXConv2d):
 class MXQN(IntSE):
     name = "mxqn"
     config = MXQNConfig
-    lowerings = ("int8", "int32-log")
+    lowerings = ("int8", "int8-kernel", "int32-log")
 
     def weight_quantizer(self, cfg: MXQNConfig):
         return IntSEWeightQuantizer(8)
