@@ -94,13 +94,10 @@ def _operands(args, attrs, target, node, input_range):
     codes = dict(table=_constant(table, "the log table", node).tolist() if in_log else None,
                  thresholds=_constant(thresholds, "the log thresholds", node).tolist()
                  if out_log else None, shift=out_shift)
-    if codes["table"] is not None and (codes["table"][0] != 0
-                                       or max(map(abs, codes["table"])) > 32767):
-        raise LoweringError(f"node {node!r}: a log table starts at 0 and fits int16 (the"
-                            f" int16-pair kernel takes the decoded values), got {codes['table']}")
-    if codes["thresholds"] is not None and min(codes["thresholds"], default=1) <= 0:
-        raise LoweringError(f"node {node!r}: log thresholds must be positive, got"
-                            f" {codes['thresholds']}")
+    try:  # the kernel's own check, refused here with the node named
+        log_codes.check_codes(codes["table"], codes["thresholds"])
+    except ValueError as err:
+        raise LoweringError(f"node {node!r}: {err}") from None
     return (_constant(w, "the weight", node), _aligned_bias(b, bias_shift, node),
             conv_ops.pairs_layout(target) if in_log else None,
             dict(lo=lo, hi=hi, nonneg=not in_log and nonneg(input_range)), codes)

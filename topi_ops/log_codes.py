@@ -25,11 +25,20 @@ from topi_ops.dense import qdense
 from topi_ops.requantize import clamp, round_shift
 
 
+def check_codes(table: Sequence[int] | None, thresholds: Sequence[int] | None) -> None:
+    """What these kernels assume (ValueError otherwise): the table starts at 0 and fits int16
+    (the int16-pair kernel takes the decoded values); the thresholds are positive (the
+    encode counts ``|r| >= T_m``)."""
+    if table is not None and (int(table[0]) != 0 or max(abs(int(v)) for v in table) > 32767):
+        raise ValueError(f"a log table starts at 0 and fits int16 (the int16-pair kernel takes"
+                         f" the decoded values), got {list(table)}")
+    if thresholds is not None and min(thresholds, default=1) <= 0:
+        raise ValueError(f"log thresholds must be positive, got {list(thresholds)}")
+
+
 def decode(codes: te.Tensor, table: Sequence[int]) -> te.Tensor:
-    """int8 codes -> int16 values ``sign(c) · table[min(|c|, L)]``."""
+    """int8 codes -> int16 values ``sign(c) · table[min(|c|, L)]`` (``check_codes``)."""
     levels = len(table) - 1
-    if max(abs(int(v)) for v in table) > 32767:
-        raise ValueError(f"log table {list(table)} does not fit int16")
 
     def value(*index):
         c = codes[index].astype("int32")  # |c| of -128 needs more than int8
@@ -44,9 +53,7 @@ def decode(codes: te.Tensor, table: Sequence[int]) -> te.Tensor:
 
 def requantize_codes(shift: int, thresholds: Sequence[int] | None, lo: int, hi: int):
     """The epilogue ``(acc + bias, channel) -> int8``: round-shift, then encode to log codes
-    (``thresholds``) or not (None), clamped to ``[lo, hi]``."""
-    if thresholds is not None and min(thresholds) <= 0:
-        raise ValueError(f"log thresholds {list(thresholds)} must be positive")
+    (``thresholds``, ``check_codes``) or not (None), clamped to ``[lo, hi]``."""
 
     def epilogue(value, _channel):
         r = round_shift(value, shift)
@@ -70,6 +77,7 @@ def mx_qconv2d(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, *, weight_sh
                target=None) -> te.Tensor:
     """NHWC int8 (codes where ``table`` is given) -> NHWC int8 (codes where ``thresholds`` are
     given); ``weight``/``bias`` from ``pack_conv2d`` (``pairs_layout`` for a decoded input)."""
+    check_codes(table, thresholds)
     data = decode(data, table) if table is not None else data
     return qconv2d(data, weight, bias, weight_shape=weight_shape, params=params, target=target,
                    layout="NHWC", epilogue=requantize_codes(shift, thresholds, params.lo,
@@ -80,6 +88,7 @@ def mx_qdense(data: te.Tensor, weight: te.Tensor, bias: te.Tensor, *, weight_sha
               table: Sequence[int] | None, thresholds: Sequence[int] | None, shift: int,
               target=None) -> te.Tensor:
     """[N, K] -> [N, O], as :func:`mx_qconv2d`."""
+    check_codes(table, thresholds)
     data = decode(data, table) if table is not None else data
     return qdense(data, weight, bias, weight_shape=weight_shape, params=params, target=target,
                   epilogue=requantize_codes(shift, thresholds, params.lo, params.hi))
