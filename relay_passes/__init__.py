@@ -4,5 +4,4 @@ from relay_passes.lower_composites import (LOWERINGS, LowerTvmqComposites, Lower
 from relay_passes import lower_mxqn, lower_pot, lower_pt2e, lower_ternary  # noqa: F401  register their lowerings
 from relay_passes.pipeline import legalize_passes, lowering_passes
 from relay_passes.verify_integer import (FloatOpError, VerifyIntegerKernels, VerifyIntegerOnly,
-                                         float_errors_surface, verify_integer_kernels,
-                                         verify_integer_only)
+                                         verify_integer_kernels, verify_integer_only)

@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -37,6 +38,7 @@ from topi_ops import dense as dense_ops
 from topi_ops import elementwise, pool
 
 
+@tvm_ffi.register_error("tvmq.LoweringError")  # raised in a pass: reaches the caller as itself
 class LoweringError(ValueError):
     """A composite that cannot be lowered (non-constant weights, unknown op)."""
 

@@ -7,43 +7,16 @@ binding (its name is the torch node's, e.g. ``sigmoid``) and the op.
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import tvm
+import tvm_ffi
 from tvm import relax
 
 
+# registered with TVM's FFI so that raised inside ``relax.build``'s passes it reaches the caller
+# as itself (TVM's own way: ``tvm_ffi.register_error``), not as a RuntimeError
+@tvm_ffi.register_error("tvmq.FloatOpError")
 class FloatOpError(TypeError):
     """A floating-point operation remained in a graph that must be integer only."""
-
-
-# TVM's pass infrastructure re-raises an exception from a Python pass as a RuntimeError whose
-# text is ours plus the module: the passes keep the error here so the caller can raise it.
-_raised = threading.local()
-
-
-def _record(err: FloatOpError) -> FloatOpError:
-    _raised.error = err
-    return err
-
-
-@contextlib.contextmanager
-def float_errors_surface():
-    """Around ``relax.build``: a FloatOpError raised by a verifier pass inside it comes out
-    as itself (one line), not as TVM's RuntimeError."""
-    _raised.error = None
-    try:
-        yield
-    except FloatOpError:
-        raise
-    except Exception:
-        found, _raised.error = getattr(_raised, "error", None), None
-        if found is None:
-            raise
-        raise found from None
-    finally:
-        _raised.error = None
 
 
 def _floats(ty) -> bool:
@@ -109,10 +82,7 @@ class VerifyIntegerOnly:
     """A pass that checks :func:`verify_integer_only` and returns the module unchanged."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        try:
-            verify_integer_only(mod)
-        except FloatOpError as err:
-            raise _record(err)
+        verify_integer_only(mod)
         return mod
 
 
@@ -391,8 +361,5 @@ class VerifyIntegerKernels:
     """A pass that checks :func:`verify_integer_kernels` and returns the module unchanged."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        try:
-            verify_integer_kernels(mod)
-        except FloatOpError as err:
-            raise _record(err)
+        verify_integer_kernels(mod)
         return mod
