@@ -358,3 +358,24 @@ def test_resnet20_cli_builds_for_arm(tmp_path):
     assert manifest["parity"]["mismatches"] == 0 and manifest["recipe"]["spec"] == "aptq"
     rows = [r for r in manifest["layers"] if r.get("op") == "tvmq.pot_conv2d"]
     assert rows and all(r["lowering"] in LOWERINGS for r in rows)
+
+
+def test_lowering_plan_cache_key_covers_every_lowering_kernel_and_schedule_file(tmp_path):
+    """The measured plan is cached by a hash of the code: a file added to or changed in any
+    of the layers (a new scheme's lowering, say) measures again."""
+    from types import ModuleType
+
+    from tvmq.lowering_plan import _code_digest
+
+    layers = []
+    for name in ("relay_passes", "topi_ops", "schedules"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+        layers.append(ModuleType(name))
+        layers[-1].__file__ = str(tmp_path / name / "__init__.py")
+    before = _code_digest(tuple(layers))
+    (tmp_path / "topi_ops" / "log_codes.py").write_text("X = 1\n")
+    added = _code_digest.__wrapped__(tuple(layers))
+    (tmp_path / "topi_ops" / "log_codes.py").write_text("X = 2\n")
+    changed = _code_digest.__wrapped__(tuple(layers))
+    assert len({before, added, changed}) == 3

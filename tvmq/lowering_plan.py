@@ -10,6 +10,7 @@ plan and each reason go into the manifest.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -18,23 +19,30 @@ import numpy as np
 import tvm
 from tvm import relax
 
+import relay_passes
+import schedules
+import topi_ops
 from relay_passes import alternatives, composite_calls
 from schedules.targets import is_host
 
 TIMING = {"number": 20, "repeat": 5}
 
 
+@functools.cache
+def _code_digest(packages=(relay_passes, topi_ops, schedules)) -> bytes:
+    """Every source file of the layers a measurement depends on (lowerings, kernels,
+    schedules) and TVM's version: a change to any of them measures again."""
+    h = hashlib.sha256(tvm.__version__.encode())
+    for package in packages:
+        for path in sorted(Path(package.__file__).parent.glob("*.py")):
+            h.update(path.name.encode() + path.read_bytes())
+    return h.digest()
+
+
 def _workload(composite, call, scalars, target) -> str:
     shapes = [[int(d) for d in a.ty.shape] for a in call.args]
     h = hashlib.sha256(json.dumps([composite, shapes, scalars, str(target)]).encode())
-    for module in ("relay_passes.lower_composites", "relay_passes.lower_ternary",
-                   "relay_passes.lower_pot", "topi_ops.conv2d", "topi_ops.bitserial",
-                   "topi_ops.shiftadd", "schedules.default", "schedules.bitserial",
-                   "schedules.shiftadd"):
-        try:
-            h.update(Path(__import__(module, fromlist=["_"]).__file__).read_bytes())
-        except ImportError:
-            pass
+    h.update(_code_digest())
     return h.hexdigest()[:20]
 
 
