@@ -46,17 +46,29 @@ def test_bad_scheme_is_refused_before_any_peer(capsys):
     assert "--scheme" in capsys.readouterr().err
 
 
+def test_an_equivalent_spelling_of_w8a8_is_w8a8(tmp_path):
+    """``--scheme int-se:8`` is INT-SE W8A8: recorded by its canonical spec, goals judged."""
+    assert bench.main(["--model", "resnet20", "--scheme", "int-se:8", *SKIP_ALL_BUT(),
+                       "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["scheme"] == bench.W8A8 and report["goals"]
+
+
 @pytest.mark.timeout(600)
 def test_scheme_runs_in_tvmqs_rows(tmp_path):
     """``--scheme mxqn:4``: tvmq's row builds and times that scheme in its own process
     (parity checked), its label says so, and issue 11's W8A8 goals are not judged."""
     out = tmp_path / "bench"
-    assert bench.main(["--model", "resnet20", "--scheme", "mxqn:4", *SKIP_ALL_BUT("tvmq_w8a8"),
+    assert bench.main(["--model", "resnet20", "--scheme", "mxqn:4",
+                       *SKIP_ALL_BUT("tvmq_w8a8", "tvmq_w8a8_tuned"),
                        "--allow-busy", "--busy-cores", "1000", "--busy-window", "0.2",
                        "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     r = report["results"]["tvmq_w8a8"]
     assert r["scheme"] == "mxqn" and r["median_ms"] > 0 and r["parity_mismatches"] == 0
+    # the shipped databases hold W8A8's kernels: the tuned row says how to tune this scheme
+    tuned = report["results"]["tvmq_w8a8_tuned"]["unavailable"]
+    assert "python -m tvmq.tune resnet20 --scheme mxqn:4" in tuned
     assert report["scheme"] == "mxqn:4" and report["goals"] == []
     assert bench.label("tvmq_w8a8", "mxqn:4") == "tvmq mxqn:4 default"
 

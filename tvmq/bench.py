@@ -267,14 +267,19 @@ def tvmq_w8a8(model: str, calls: int, db: str | None = None, scheme: str = W8A8)
         build_s = time.perf_counter() - t
         lib = tvm.runtime.load_module(str(art.path / "model.so"))
         mismatches = art.manifest["parity"]["mismatches"]
+        tuned = art.manifest["tuned_kernels"]  # how many kernels the database matched
         return {**_time_vm(lib, x, calls), "build_s": build_s, "scheme": art.manifest["scheme"],
-                "parity_mismatches": mismatches,
-                "note": f"build {build_s:.0f} s, parity {'ok' if not mismatches else 'MISMATCH'}"}
+                "parity_mismatches": mismatches, "tuned_kernels": tuned,
+                "note": f"build {build_s:.0f} s, parity {'ok' if not mismatches else 'MISMATCH'}"
+                        + (f", {tuned['tuned']}/{tuned['kernels']} kernels tuned" if tuned else "")}
 
 
 def tvmq_w8a8_tuned(model: str, calls: int, db: str | None = None, scheme: str = W8A8) -> dict:
     """tvmq W8A8 with the kernels of a MetaSchedule database (``python -m tvmq.tune``; by
     default the one shipped for this CPU, if any)."""
+    if db is None and scheme != W8A8:  # the shipped databases hold W8A8's kernels
+        return {"unavailable": f"no tuning database for {scheme}: python -m tvmq.tune {model}"
+                               f" --scheme {scheme} --db DIR, then --db DIR"}
     db = db or _shipped_db(model)
     if not Path(db, "tvmq.json").exists():
         return {"unavailable": f"no tuning database {db}: python -m tvmq.tune {model} --db {db}"}
@@ -540,9 +545,11 @@ def main(argv=None) -> int:
     from tvmq.schemes import UnknownSchemeError, get_recipe
 
     try:
-        get_recipe(args.scheme)
+        recipe = get_recipe(args.scheme)
     except UnknownSchemeError as err:
         ap.error(f"--scheme: {err}")
+    if not args.scheme.endswith(".json"):
+        args.scheme = recipe.name  # canonical: "int-se:8" is W8A8, its goals are judged
     if args.peer:
         import torch
 
