@@ -70,12 +70,15 @@ def nonneg(input_range) -> bool:
 
 
 def int8_conv(bb, x, weight: np.ndarray, bias: np.ndarray, shift: np.ndarray | None,
-              params: "conv_ops.Conv2dParams", target, input_range=INT8):
+              params: "conv_ops.Conv2dParams", target, input_range=INT8, layout=None,
+              kernel=None):
     """The int8 conv kernel on build-time constants, NHWC in and out: weights packed for the
     target, one shift for the layer (``params.out_shift``) or one per output channel
-    (``shift``); an input known to be >= 0 needs no unsigned offset."""
+    (``shift``); an input known to be >= 0 needs no unsigned offset. ``layout``: the packing
+    (default the target's, ``conv_ops.conv_layout``); ``kernel``: the TE compute (default
+    ``qconv2d``; a scheme's may wrap it, e.g. MXQN's decode and encode)."""
     params = dataclasses.replace(params, nonneg=nonneg(input_range))
-    packed = conv_ops.pack_conv2d(weight, bias, params, target)
+    packed = conv_ops.pack_conv2d(weight, bias, params, target, layout)
     if shift is not None and len(set(shift.tolist())) == 1:  # uniform: the one-shift kernel
         params, shift = dataclasses.replace(params, out_shift=int(shift[0]),
                                             relu=params.lo == 0,
@@ -84,19 +87,22 @@ def int8_conv(bb, x, weight: np.ndarray, bias: np.ndarray, shift: np.ndarray | N
             raise LoweringError(f"output range [{params.lo}, {params.hi}] is not an N-bit range")
     consts = [relax.const(p) for p in packed] + ([relax.const(shift.astype(np.int32))]
                                                   if shift is not None else [])
-    kernel = partial(conv_ops.qconv2d, weight_shape=weight.shape, params=params, target=target,
-                     layout="NHWC")
+    kernel = partial(kernel or partial(conv_ops.qconv2d, layout="NHWC"),
+                     weight_shape=weight.shape, params=params, target=target)
     return bb.call_te(kernel, x, *consts, primfunc_name_hint="tvmq_qconv2d")
 
 
 def int8_dense(bb, x, weight: np.ndarray, bias: np.ndarray, shift: np.ndarray | None,
-               params: "dense_ops.DenseParams", target, input_range=INT8):
-    """The int8 dense kernel (a 1x1 conv) on build-time constants."""
+               params: "dense_ops.DenseParams", target, input_range=INT8, layout=None,
+               kernel=None):
+    """The int8 dense kernel (a 1x1 conv) on build-time constants; ``layout`` and ``kernel``
+    as :func:`int8_conv`'s."""
     params = dataclasses.replace(params, nonneg=nonneg(input_range))
-    packed = dense_ops.pack_dense(weight, bias, params, target)
+    packed = dense_ops.pack_dense(weight, bias, params, target, layout)
     consts = [relax.const(p) for p in packed] + ([relax.const(shift.astype(np.int32))]
                                                   if shift is not None else [])
-    kernel = partial(dense_ops.qdense, weight_shape=weight.shape, params=params, target=target)
+    kernel = partial(kernel or dense_ops.qdense, weight_shape=weight.shape, params=params,
+                     target=target)
     return bb.call_te(kernel, x, *consts, primfunc_name_hint="tvmq_qdense")
 
 

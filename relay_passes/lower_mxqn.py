@@ -19,8 +19,9 @@ from functools import partial
 
 from tvm import relax
 
-from relay_passes.lower_composites import (LOWERINGS, OUTPUT_RANGES, LoweringError,
-                                           _aligned_bias, _constant, channels_last, nonneg)
+from relay_passes.lower_composites import (INT8, LOWERINGS, OUTPUT_RANGES, LoweringError,
+                                           _aligned_bias, _constant, channels_last, int8_conv,
+                                           int8_dense)
 from topi_ops import conv2d as conv_ops
 from topi_ops import dense as dense_ops
 from topi_ops import log_codes
@@ -87,10 +88,11 @@ def _lower(emit):
 
 def _operands(args, attrs, target, node, input_range):
     """What the conv and dense kernels share: the int8 weight, the bias at the accumulator's
-    exponent, the packing (int16 pairs for a decoded input, else the target's int8 one), the
-    output range keywords and the kernel's log constants (table, thresholds, shift)."""
+    exponent, the input's range and packing (a decoded input: int16 pairs, its range that of
+    int8 since codes are not values; else the target's int8 packing), and the kernel with
+    its log constants (table, thresholds, shift)."""
     _x, w, b, table, thresholds = args
-    *_, bias_shift, out_shift, in_log, out_log, lo, hi = attrs
+    *_, bias_shift, out_shift, in_log, out_log, _lo, _hi = attrs
     codes = dict(table=_constant(table, "the log table", node).tolist() if in_log else None,
                  thresholds=_constant(thresholds, "the log thresholds", node).tolist()
                  if out_log else None, shift=out_shift)
@@ -98,21 +100,19 @@ def _operands(args, attrs, target, node, input_range):
         log_codes.check_codes(codes["table"], codes["thresholds"])
     except ValueError as err:
         raise LoweringError(f"node {node!r}: {err}") from None
-    return (_constant(w, "the weight", node), _aligned_bias(b, bias_shift, node),
-            conv_ops.pairs_layout(target) if in_log else None,
-            dict(lo=lo, hi=hi, nonneg=not in_log and nonneg(input_range)), codes)
+    return dict(weight=_constant(w, "the weight", node), bias=_aligned_bias(b, bias_shift, node),
+                shift=None, input_range=INT8 if in_log else input_range,
+                layout=conv_ops.pairs_layout(target) if in_log else None, codes=codes)
 
 
 @channels_last
 def _conv_kernel(bb, args, attrs, target, node, input_range):
-    stride, padding, dilation, groups, *_ = attrs
-    weight, bias, layout, out_range, codes = _operands(args, attrs, target, node, input_range)
+    stride, padding, dilation, groups, *_, lo, hi = attrs
     params = conv_ops.Conv2dParams(tuple(stride), tuple(padding), tuple(dilation), groups,
-                                   None, **out_range)
-    packed = conv_ops.pack_conv2d(weight, bias, params, target, layout)
-    kernel = partial(log_codes.mx_qconv2d, weight_shape=weight.shape, params=params,
-                     target=target, **codes)
-    return bb.call_te(kernel, args[0], *map(relax.const, packed), primfunc_name_hint="tvmq_qconv2d")
+                                   None, lo=lo, hi=hi)
+    ops = _operands(args, attrs, target, node, input_range)
+    return int8_conv(bb, args[0], params=params, target=target,
+                     kernel=partial(log_codes.mx_qconv2d, **ops.pop("codes")), **ops)
 
 
 _conv_kernel.applies = lambda attrs: attrs[3] == 1  # groups: grouped convs stay int32-log
@@ -120,12 +120,11 @@ _conv_kernel.applies = lambda attrs: attrs[3] == 1  # groups: grouped convs stay
 
 @channels_last
 def _dense_kernel(bb, args, attrs, target, node, input_range):
-    weight, bias, layout, out_range, codes = _operands(args, attrs, target, node, input_range)
-    params = dense_ops.DenseParams(None, **out_range)
-    packed = dense_ops.pack_dense(weight, bias, params, target, layout)
-    kernel = partial(log_codes.mx_qdense, weight_shape=weight.shape, params=params,
-                     target=target, **codes)
-    return bb.call_te(kernel, args[0], *map(relax.const, packed), primfunc_name_hint="tvmq_qdense")
+    *_, lo, hi = attrs
+    ops = _operands(args, attrs, target, node, input_range)
+    return int8_dense(bb, args[0], params=dense_ops.DenseParams(None, lo=lo, hi=hi),
+                      target=target, kernel=partial(log_codes.mx_qdense, **ops.pop("codes")),
+                      **ops)
 
 
 _int32_conv = _lower(emit_mx_qconv2d)
