@@ -35,7 +35,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from topi_ops import conv2d as conv_ops
 from topi_ops import dense as dense_ops
-from topi_ops import elementwise, pool
+from topi_ops import elementwise, pool, winograd
 
 
 @tvm_ffi.register_error("tvmq.LoweringError")  # raised in a pass: reaches the caller as itself
@@ -76,9 +76,16 @@ def int8_conv(bb, x, weight: np.ndarray, bias: np.ndarray, shift: np.ndarray | N
     target, one shift for the layer (``params.out_shift``) or one per output channel
     (``shift``); an input known to be >= 0 needs no unsigned offset. ``layout``: the packing
     (default the target's, ``conv_ops.conv_layout``); ``kernel``: the TE compute (default
-    ``qconv2d``; a scheme's may wrap it, e.g. MXQN's decode and encode)."""
+    ``qconv2d``; a scheme's may wrap it, e.g. MXQN's decode and encode). A 3x3 stride-1
+    conv runs as integer Winograd where that pays and provably stays within int32
+    (``topi_ops.winograd``)."""
     params = dataclasses.replace(params, nonneg=nonneg(input_range))
-    packed = conv_ops.pack_conv2d(weight, bias, params, target, layout)
+    packed_weight = weight
+    if (kernel is None and layout is None and winograd.applies(target, weight.shape, params)
+            and winograd.fits_int32(weight, input_range)):
+        packed_weight, layout = winograd.transform_weights(weight), conv_ops.PAIRS
+        kernel = winograd.qconv2d_winograd
+    packed = conv_ops.pack_conv2d(packed_weight, bias, params, target, layout)
     if shift is not None and len(set(shift.tolist())) == 1:  # uniform: the one-shift kernel
         params, shift = dataclasses.replace(params, out_shift=int(shift[0]),
                                             relu=params.lo == 0,

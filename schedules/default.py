@@ -20,7 +20,9 @@ from schedules.elementwise import (SCHEDULED, inline_epilogue, is_scheduled, sch
 from schedules.intrinsics import (DOT_8X2_AVX2, DOT_8X4_AVX2, DOT_8X4_AVXVNNI, DOT_8X4_NEON_S8,
                                   DOT_8X4_SDOT, DOT_16X2_VNNI, DOT_16X4_VNNI)
 from schedules.targets import cores_of, has_feature, is_aarch64
+from schedules.winograd import schedule_input_transform, schedule_output_transform
 from topi_ops.conv2d import AMX_ATTR, FLAT_CHUNK, GATHERED, PROLOGUE
+from topi_ops.winograd import WINOGRAD
 
 def register_tile(out_blocks: int, width: int, target=None) -> tuple[int, int]:
     """(output-channel blocks, output columns) of the int32 accumulator tile kept in vector
@@ -209,6 +211,7 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         sch.reverse_compute_inline(blocks["tvmq_dense_out"])
     requant = sch.get_sblock("tvmq_conv_requant")
     inline_epilogue(sch, blocks.get("tvmq_conv_unpack", requant))
+    winograd = WINOGRAD in sch.get(conv).annotations  # topi_ops.winograd: transforms apart
     if AMX_ATTR in sch.get(conv).annotations:  # topi_ops.conv2d chose AMX tiles for it
         return schedule_conv_amx(sch, conv, target)
     extents = conv_loop_extents(sch, conv)
@@ -231,10 +234,11 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         outer = sch.fuse(n, y)
     if choice.parallel != "none":
         sch.parallel(outer)
-    # the accumulator tile [ob_tile, x_tile, 8] lives in registers; requantize right after it
-    sch.reverse_compute_at(requant, xo)
-    rq_loops = sch.get_loops(requant)
-    sch.vectorize(rq_loops[-1])
+    if winograd:  # the output transform reads all 16 positions of a tile: a pass of its own
+        schedule_output_transform(sch, requant, target)
+    else:  # the accumulator tile [ob_tile, x_tile, 8] lives in registers; requantize after it
+        sch.reverse_compute_at(requant, xo)
+        sch.vectorize(sch.get_loops(requant)[-1])
     # the instruction of the layout topi_ops.conv2d.conv_layout chose
     lanes, group = int(sch.get(oi).extent), int(sch.get(rj).extent)
     # (8, 4): u8 data on AVX-VNNI (vpdpbusd ymm) or AVX2 (vpmaddubsw, input >= 0), s8 data
@@ -257,7 +261,7 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     sch.unroll(xi)
     sch.unroll(obi)
     sch.set_scope(init, 0, "local")  # after tensorize: the intrinsic matches global buffers
-    per_row = choice.parallel != "channels" and choice.pack_per_row
+    per_row = choice.parallel != "channels" and choice.pack_per_row and not winograd
     if per_row and "tvmq_conv_data_pack" in blocks:
         # each row task packs the input rows it reads, just before it reads them: no pass
         # (and no barrier) of its own, the rows hot in L1 (rows overlap: 3x3 packs each 3x)
@@ -270,8 +274,10 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
             schedule_flat_rows(sch, pack, target, per_row=True)
         elif own:  # [.., C/G, G]: a pixel's channels
             sch.vectorize(sch.fuse(*own[-2:]) if len(own) > 1 else own[-1])
+    if winograd:
+        schedule_input_transform(sch, sch.get_sblock("tvmq_conv_data_pack"), target)
     for name in ("tvmq_conv_data_pack", "tvmq_conv_unpack"):
-        if name in blocks and (name != "tvmq_conv_data_pack" or not per_row):
+        if name in blocks and (name != "tvmq_conv_data_pack" or not (per_row or winograd)):
             block = sch.get_sblock(name)
             flat = FLAT_CHUNK in sch.get(block).annotations
             (schedule_flat_rows if flat else schedule_loop_nest)(sch, block, target)
