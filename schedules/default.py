@@ -70,7 +70,9 @@ class ConvSchedule:
     walks input channels outermost. ``parallel``: ``"channels"`` shares out (channel tile,
     row) pairs, a thread's weights stay hot across rows; ``"rows"`` shares out rows, a thread
     does every channel tile of its row, its input rows stay hot; ``"bands"``: one band of
-    consecutive rows per core; ``"none"``: rows on one core. ``pack_per_row`` (rows, bands,
+    consecutive rows per core; ``"none"``: rows on one core; ``"tiles"`` (Winograd only):
+    rows of tiles shared out, each transformed, multiplied and transformed back while it is
+    in the core's cache (else the positions are the outer loop). ``pack_per_row`` (rows, bands,
     none): each row task (band) packs the input rows it reads instead of a packing pass
     ahead (per row, the rows a 3x3 window overlaps are packed 3 times; per band, only the
     rows at a band's edge twice)."""
@@ -82,7 +84,7 @@ class ConvSchedule:
 
     def __post_init__(self):
         if self.reduce_order not in ("taps", "channels") or self.parallel not in (
-                "channels", "rows", "bands", "none"):
+                "channels", "rows", "bands", "none", "tiles"):
             raise ValueError(f"unknown conv schedule choice {self}")
 
 
@@ -224,6 +226,9 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
     if choice.parallel == "channels":
         sch.reorder(n, obo, y, xo, *reduce, obi, xi, oi, rj)
         outer = sch.fuse(n, obo, y)
+    elif choice.parallel == "tiles":  # Winograd: a row of tiles at a time, every position
+        sch.reorder(y, n, obo, xo, *reduce, obi, xi, oi, rj)
+        outer = y
     else:
         sch.reorder(n, y, obo, xo, *reduce, obi, xi, oi, rj)
         if choice.parallel == "bands":  # one band of consecutive rows per core
@@ -234,8 +239,9 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         outer = sch.fuse(n, y)
     if choice.parallel != "none":
         sch.parallel(outer)
-    if winograd:  # the output transform reads all 16 positions of a tile: a pass of its own
-        schedule_output_transform(sch, requant, target)
+    if winograd:  # the output transform reads all 16 positions of a tile
+        schedule_output_transform(sch, requant, target,
+                                  at=outer if choice.parallel == "tiles" else None)
     else:  # the accumulator tile [ob_tile, x_tile, 8] lives in registers; requantize after it
         sch.reverse_compute_at(requant, xo)
         sch.vectorize(sch.get_loops(requant)[-1])
@@ -275,7 +281,8 @@ def schedule_conv_pairs(sch: s_tir.Schedule, conv, target: tvm.target.Target,
         elif own:  # [.., C/G, G]: a pixel's channels
             sch.vectorize(sch.fuse(*own[-2:]) if len(own) > 1 else own[-1])
     if winograd:
-        schedule_input_transform(sch, sch.get_sblock("tvmq_conv_data_pack"), target)
+        schedule_input_transform(sch, sch.get_sblock("tvmq_conv_data_pack"), target,
+                                 at=outer if choice.parallel == "tiles" else None)
     for name in ("tvmq_conv_data_pack", "tvmq_conv_unpack"):
         if name in blocks and (name != "tvmq_conv_data_pack" or not (per_row or winograd)):
             block = sch.get_sblock(name)

@@ -113,3 +113,20 @@ def test_peak_caption_says_how():
     own = bench_layers.peak_caption({**base, "mcpu": "znver3", "mca_model": "znver3",
                                      "instruction": "vpmaddwd ymm + vpaddd"})
     assert own.startswith("peak: 470 GMAC/s") and "max(measured 470" in own
+
+
+def test_winograd_layers_count_the_products_they_execute():
+    """The % of peak divides what the kernel multiplies: a 3x3 stride-1 layer on an AVX2
+    target without VNNI (Winograd) 16 int16 products per 2x2 outputs instead of 36; on a
+    VNNI target, and for strided convs, the direct conv's MACs."""
+    import tvm
+
+    layers = bench_layers.conv_layers("resnet20")
+    znver3 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
+    vnni = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})
+    s1 = next(r for r in layers if r["weight"][2:] == [3, 3] and r["stride"] == [1, 1]
+              and r["input"][1] == 16)  # 16 -> 16 channels, 32 x 32
+    assert bench_layers.kernel_products(s1, znver3) == (16 * 16 * 16 * 16 * 16, "Winograd")
+    assert bench_layers.kernel_products(s1, vnni) == (s1["macs"], "direct")
+    s2 = next(r for r in layers if r["stride"] == [2, 2])
+    assert bench_layers.kernel_products(s2, znver3) == (s2["macs"], "direct")

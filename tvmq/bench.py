@@ -673,6 +673,11 @@ def _bound_line(bound: dict, results: dict) -> str:
         bound["fastest_int8_peer_ms"] = fastest
         bound["ratio_to_fastest_int8_peer"] = bound["ms"] / fastest
         line += f" = {bound['ratio_to_fastest_int8_peer']:.2f}× the fastest int8 peer"
+    if bound.get("tvmq_products_g", bound["conv_gmac"]) < bound["conv_gmac"]:  # Winograd
+        line += (f"; tvmq's kernels multiply {bound['tvmq_products_g']:.3f} G times"
+                 f" (Winograd) = {bound['tvmq_ms']:.3f} ms at the peak")
+        if fastest is not None:
+            line += f" = {bound['tvmq_ms'] / fastest:.2f}×"
     return line
 
 

@@ -55,8 +55,36 @@ def conv_layers(model: str) -> list[dict]:
         ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         layers.append({"input": list(xs), "weight": list(ws), "stride": list(stride),
                        "padding": list(padding), "dilation": list(dilation), "groups": groups,
-                       "nonneg": nonneg, "count": count, "macs": n * o * oh * ow * cg * kh * kw})
+                       "nonneg": nonneg, "count": count, "output_hw": [oh, ow],
+                       "macs": n * o * oh * ow * cg * kh * kw})
     return layers
+
+
+def _layer_conv(layer: dict):
+    """(random int8 weights, Conv2dParams, input range) of a layer, as tvmq's side runs it."""
+    import numpy as np
+
+    from relay_passes.lower_composites import INT8
+    from topi_ops.conv2d import Conv2dParams
+
+    weight = np.random.default_rng(0).integers(-128, 128, layer["weight"]).astype(np.int8)
+    params = Conv2dParams(tuple(layer["stride"]), tuple(layer["padding"]),
+                          tuple(layer["dilation"]), layer["groups"], 8, True)
+    return weight, params, (0, 127) if layer.get("nonneg") else INT8
+
+
+def kernel_products(layer: dict, target) -> tuple[int, str]:
+    """(multiplies tvmq's kernel executes for the layer, the kernel): the direct conv's MACs,
+    or integer Winograd's 16 int16 products per 2 x 2 tile, input and output channel
+    (``topi_ops.winograd``, where ``int8_conv`` takes it): what the peak share divides."""
+    from topi_ops import winograd
+
+    weight, params, input_range = _layer_conv(layer)
+    if winograd.applies(target, weight.shape, params) and winograd.fits_int32(weight, input_range):
+        n, o, (oh, ow) = layer["input"][0], layer["weight"][0], layer["output_hw"]
+        tiles = -(-oh // 2) * -(-ow // 2)
+        return n * tiles * winograd.POSITIONS * layer["weight"][1] * o, "Winograd"
+    return layer["macs"], "direct"
 
 
 def layer_module(layer: dict, target):
@@ -65,21 +93,16 @@ def layer_module(layer: dict, target):
     import numpy as np
     from tvm import relax
 
-    from relay_passes.lower_composites import INT8, int8_conv
-    from topi_ops.conv2d import Conv2dParams
+    from relay_passes.lower_composites import int8_conv
 
     n, c, h, w = layer["input"]
-    rng = np.random.default_rng(0)
-    weight = rng.integers(-128, 128, layer["weight"]).astype(np.int8)
-    params = Conv2dParams(tuple(layer["stride"]), tuple(layer["padding"]),
-                          tuple(layer["dilation"]), layer["groups"], 8, True)
+    weight, params, input_range = _layer_conv(layer)
     x = relax.Var("x", relax.TensorType((n, h, w, c), "int8"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
             out = bb.emit_output(int8_conv(bb, x, weight, np.zeros(weight.shape[0], np.int32),
-                                           None, params, target,
-                                           (0, 127) if layer.get("nonneg") else INT8))
+                                           None, params, target, input_range))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -166,20 +189,28 @@ def peak_gmacs(threads: int, target=None) -> dict:
 def measure(model: str, threads: int, repeats: int, db: str | None, top: int = 10,
             timeout: float = 1800) -> dict:
     """The ``top`` slowest distinct conv layers of ``model`` (by tvmq time x occurrences)."""
+    from schedules.targets import resolve
+
     layers = conv_layers(model)
     sides = {}
     for side in ("tvmq", "torch", "peak"):
         sides[side] = _spawn(side, model, threads, repeats, db, timeout)
     peak = sides["peak"]["gmacs"]
+    target = resolve("x86")
     for layer, t_tvmq, t_torch in zip(layers, sides["tvmq"], sides["torch"]):
+        products, kernel = kernel_products(layer, target)
         layer.update(tvmq_ms=t_tvmq, torch_int8_ms=t_torch, ratio=t_tvmq / t_torch,
-                     tvmq_peak_fraction=layer["macs"] / (t_tvmq * 1e-3) / 1e9 / peak,
+                     kernel=kernel, products=products,
+                     tvmq_peak_fraction=products / (t_tvmq * 1e-3) / 1e9 / peak,
                      torch_peak_fraction=layer["macs"] / (t_torch * 1e-3) / 1e9 / peak)
     layers.sort(key=lambda r: -r["tvmq_ms"] * r["count"])
     gmac = sum(r["macs"] * r["count"] for r in layers) / 1e9
-    # the model's convolutions at the peak: no schedule of these MACs can run faster
+    products = sum(r["products"] * r["count"] for r in layers) / 1e9
+    # the model's convolutions at the peak: no direct schedule of these MACs runs faster;
+    # tvmq's kernels execute ``products`` multiplies (fewer where Winograd runs)
     return {"peak": sides["peak"], "layers": layers[:top], "all_layers": len(layers),
-            "bound": {"conv_gmac": gmac, "ms": gmac / peak * 1e3}}
+            "bound": {"conv_gmac": gmac, "ms": gmac / peak * 1e3,
+                      "tvmq_products_g": products, "tvmq_ms": products / peak * 1e3}}
 
 
 def _spawn(side, model, threads, repeats, db, timeout):
@@ -208,7 +239,8 @@ def peak_caption(peak: dict) -> str:
         how = f"max({measured}, {estimated})"
     else:
         how = f"{measured} (llvm-mca knows no {peak.get('mcpu')}; {estimated}, not used)"
-    return head + how + "; % = share of that peak"
+    return head + how + ("; % = share of that peak (Winograd layers: of the int16 products"
+                         " they execute, 16 per 2x2 outputs instead of 36)")
 
 
 def table(result: dict, title: str):
@@ -222,7 +254,8 @@ def table(result: dict, title: str):
     for r in result["layers"]:
         o, _, kh, _ = r["weight"]
         desc = f"{tuple(r['input'])} -> {o}, {kh}x{kh}, s{r['stride'][0]}" + (
-            f", g{r['groups']}" if r["groups"] != 1 else "")
+            f", g{r['groups']}" if r["groups"] != 1 else "") + (
+            ", Winograd" if r.get("kernel") == "Winograd" else "")
         t.add_row(desc, str(r["count"]), f"{r['macs'] / 1e9:.3f}", f"{r['tvmq_ms']:.3f}",
                   f"{r['torch_int8_ms']:.3f}", f"{r['ratio']:.2f}×",
                   f"{100 * r['tvmq_peak_fraction']:.0f} %", f"{100 * r['torch_peak_fraction']:.0f} %")
