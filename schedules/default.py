@@ -158,22 +158,29 @@ def default_conv_schedule(sch: s_tir.Schedule, conv, target, extents) -> ConvSch
 
 
 def conv_schedules(out_blocks: int, width: int, target=None, lanes: int = 8,
-                   macs: int | None = None, rows: int | None = None) -> list[ConvSchedule]:
+                   macs: int | None = None, rows: int | None = None,
+                   winograd: bool = False) -> list[ConvSchedule]:
     """The tuning space of one conv: every register tile with enough accumulators to cover
     the multiply-add's latency (>= 4, where the row allows) x reduction order x parallel loop
     (channel tiles x rows; rows, packed ahead or by each row task; bands of ``rows``, each
     packing its own, where they split evenly over the cores; one core too for convs of
-    under 4 x ``SERIAL_MACS``)."""
+    under 4 x ``SERIAL_MACS``). A Winograd product (``winograd``) has no taps to order and
+    its transforms are passes of their own: tile x (channel tiles, rows, bands, rows of
+    tiles)."""
     tiles = register_tiles(out_blocks, width, target, lanes)
     enough = min(4, max(b * c for b, c in tiles))
-    loops = [("channels", False), ("rows", False), ("rows", True)]
-    if rows is not None and rows % cores_of(target) == 0:
-        loops.append(("bands", True))
-    if macs is not None and macs < 4 * SERIAL_MACS:
-        loops += [("none", False), ("none", True)]
+    bands = rows is not None and rows % cores_of(target) == 0
+    if winograd:
+        loops = [("channels", False), ("rows", False), ("tiles", False)] + (
+            [("bands", False)] if bands else [])
+    else:
+        loops = [("channels", False), ("rows", False), ("rows", True)] + (
+            [("bands", True)] if bands else [])
+        if macs is not None and macs < 4 * SERIAL_MACS:
+            loops += [("none", False), ("none", True)]
     return [ConvSchedule(tile, order, par, per_row)
             for tile in tiles if tile[0] * tile[1] >= enough
-            for order in ("taps", "channels")
+            for order in (("taps",) if winograd else ("taps", "channels"))
             for par, per_row in loops]
 
 

@@ -32,6 +32,7 @@ from schedules.default import (conv_loop_extents, conv_macs, conv_rows, conv_sch
                                ruled_blocks, schedule_conv_pairs)
 from schedules.grouped import grouped_extents, grouped_schedules, schedule_conv_grouped
 from schedules.targets import host_target
+from topi_ops.winograd import WINOGRAD
 
 SHIPPED = Path(__file__).parent / "tuned"  # databases tuned for the zoo on known CPUs
 DB_META = "tvmq.json"
@@ -47,7 +48,7 @@ class TuningDatabaseError(ValueError):
 def _conv_choices(sch, block, target):
     lanes = int(sch.get(block).annotations["tvmq_block"])
     return conv_schedules(*conv_loop_extents(sch, block), target, lanes, conv_macs(sch, block),
-                          conv_rows(sch, block))
+                          conv_rows(sch, block), WINOGRAD in sch.get(block).annotations)
 
 
 def _grouped_choices(sch, block, target):

@@ -11,7 +11,7 @@ from schedules.default import (SERIAL_MACS, SERIAL_WEIGHTS, ConvSchedule, conv_l
                                conv_macs, conv_rows, conv_schedules, register_tile,
                                register_tiles, schedule_conv_pairs, weight_bytes)
 from schedules.targets import resolve
-from topi_ops.conv2d import Conv2dParams, pack_conv2d, qconv2d
+from topi_ops.conv2d import Conv2dParams, conv_layout, pack_conv2d, qconv2d
 
 HOST = resolve("x86")
 
@@ -287,7 +287,8 @@ def test_folded_stem_design_spaces_print():
     w = np.zeros((32, 3, 7, 7), np.int8)
     wp, bp = pack_conv2d(w, np.zeros(32, np.int32), params, HOST)
     data = te.placeholder((1, 32, 32, 3), "int8", "data")
-    wt, bt = te.placeholder(wp.shape, "int8", "w"), te.placeholder(bp.shape, "int32", "b")
+    # the stem's input is signed: int16 pairs on AVX2 hosts, u8 quads with VNNI
+    wt, bt = te.placeholder(wp.shape, str(wp.dtype), "w"), te.placeholder(bp.shape, "int32", "b")
     out = qconv2d(data, wt, bt, weight_shape=w.shape, params=params, target=HOST, layout="NHWC")
     sch = s_tir.Schedule(te.create_prim_func([data, wt, bt, out]))
     choices, schedule = SPACES["tvmq_qconv2d_pairs"]
@@ -310,7 +311,9 @@ def test_accumulator_tile_is_on_each_threads_stack(parallel):
     np.testing.assert_array_equal(got, _kernel(None))
     body = lowered[0].split("T.parallel", 1)[1]
     tile = [line for line in body.splitlines() if "tvmq_conv_acc" in line and "alloc" in line]
-    assert len(tile) == 1 and "T.alloc_buffer((224,), \"int32\")" in tile[0], lowered[0]
+    lanes = conv_layout(HOST, nonneg=True).block  # 16 with VNNI, 8 on AVX2
+    assert len(tile) == 1 and f"T.alloc_buffer(({2 * 7 * lanes},), \"int32\")" in tile[0], \
+        lowered[0]
     # and the tensor intrinsic names no temporaries: each would be an alloc_local, a heap
     # workspace allocated and freed in every task (schedules.intrinsics._broadcast)
     assert "alloc_local" not in body, lowered[0]

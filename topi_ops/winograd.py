@@ -62,9 +62,9 @@ def fits_int32(weight: np.ndarray, input_range: tuple[int, int]) -> bool:
     vmax = 4 * max(abs(input_range[0]), abs(input_range[1]))
     u = transform_weights(weight).astype(np.int64).reshape(*weight.shape[:2], 4, 4)
     m = vmax * np.abs(u).sum(axis=1)  # [O, 4, 4]: |M| per position
-    rows = np.einsum("ie,oen->oin", np.abs(AT), m)  # A^T M
-    out = np.einsum("oin,jn->oij", rows, np.abs(AT))  # A^T M A
-    return max(m.max(initial=0), rows.max(initial=0), out.max(initial=0)) < 2**31
+    cols = np.einsum("oen,jn->oej", m, np.abs(AT))  # M A, summed first as the kernel does
+    out = np.einsum("ie,oej->oij", np.abs(AT), cols)  # A^T (M A)
+    return max(m.max(initial=0), cols.max(initial=0), out.max(initial=0)) < 2**31
 
 
 def _select(index, values):
