@@ -38,8 +38,7 @@ WINOGRAD = "tvmq_winograd"  # on the accumulator block: the schedule's cue
 def applies(target, weight_shape, params: Conv2dParams, pad: int = 0) -> bool:
     """A dense 3x3 stride-1 conv on an x86 target with AVX2 but no VNNI (its int8 kernel:
     int16 pairs or u8 quads, the same multiplier ops per product), padding standing for 0."""
-    if target is None or target.kind.name != "llvm" or str(
-            target.attrs.get("mtriple", "")).startswith("aarch64"):
+    if target is None or target.kind.name != "llvm":
         return False
     _o, c, kh, kw = weight_shape
     return (tvm.target.codegen.llvm_cpu_has_features("avx2", target)
