@@ -63,6 +63,8 @@ def test_which_convs_and_targets():
     assert not winograd.applies(TARGET, (64, 8, 3, 3), params(groups=8))
     assert not winograd.applies(TARGET, (64, 3, 3, 3), params())  # an RGB stem: folded taps
     assert not winograd.applies(TARGET, conv, params(), pad=5)  # an affine input's zero point
+    assert winograd.applies(TARGET, (128, 128, 3, 3), params())  # 512 KB transformed
+    assert not winograd.applies(TARGET, (256, 256, 3, 3), params())  # 2 MB: past L2
     for other in ({"kind": "llvm", "mcpu": "icelake-server"},  # VNNI: int8 products are cheaper
                   {"kind": "llvm", "mcpu": "sapphirerapids"},  # AMX
                   {"kind": "llvm", "mcpu": "alderlake"},  # AVX-VNNI

@@ -33,18 +33,26 @@ AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])  # output
 SCALE_SHIFT = 2  # the result is 4 x the conv: (2 x 2) from G2
 POSITIONS = 16  # 4 x 4 transformed values per tile
 WINOGRAD = "tvmq_winograd"  # on the accumulator block: the schedule's cue
+# The transformed weights are 16 int16 per 9 int8 taps (3.6x the conv's), and each row of
+# tiles streams all of them: beyond one core's L2 (512 KB on Zen 3) they come from L3 or
+# memory for every row, and the saved multiplies are lost. ResNet-18 on an AVX2 Zen 3,
+# in-model interleaved A/B against the direct kernel: Winograd on every 3x3 layer 1.09x
+# (its 512-channel layers stream 8 MB each), up to 2 MB 0.98x, up to 512 KB 0.96x.
+WEIGHT_BYTES = 512 << 10
 
 
 def applies(target, weight_shape, params: Conv2dParams, pad: int = 0) -> bool:
     """A dense 3x3 stride-1 conv on an x86 target with AVX2 but no VNNI (its int8 kernel:
-    int16 pairs or u8 quads, the same multiplier ops per product), padding standing for 0."""
+    int16 pairs or u8 quads, the same multiplier ops per product), padding standing for 0,
+    whose transformed weights fit ``WEIGHT_BYTES``."""
     if target is None or target.kind.name != "llvm":
         return False
-    _o, c, kh, kw = weight_shape
+    o, c, kh, kw = weight_shape
     return (tvm.target.codegen.llvm_cpu_has_features("avx2", target)
             and conv_layout(target) == PAIRS  # no VNNI, no AMX
             and (kh, kw) == (3, 3) and params.groups == 1 and tuple(params.strides) == (1, 1)
-            and tuple(params.dilation) == (1, 1) and pad == 0 and c >= 8)
+            and tuple(params.dilation) == (1, 1) and pad == 0 and c >= 8
+            and POSITIONS * 2 * o * c <= WEIGHT_BYTES)
 
 
 def transform_weights(weight: np.ndarray) -> np.ndarray:
